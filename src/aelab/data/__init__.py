@@ -1,0 +1,1 @@
+"""Dataset catalog, IDX reading and downloading."""

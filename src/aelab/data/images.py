@@ -1,0 +1,75 @@
+"""The downloaded 28x28 image sets as arrays, the seeded train/val split, and their LightningDataModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from aelab.data.catalog import get_spec
+from aelab.data.idx import read_idx
+from aelab.paths import require
+
+
+def raw_dir(data_cfg) -> Path:
+    """Where the download stage puts ``data_cfg.name``: ``<raw_dir>/<name>/``."""
+    return Path(data_cfg.raw_dir) / data_cfg.name
+
+
+def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) of the ``train`` or ``test`` split, cut to the configured limit."""
+    spec = get_spec(data_cfg.name)
+    folder = raw_dir(data_cfg)
+    require(folder / "manifest.json", "download")
+    images_file, labels_file = spec.files[:2] if split == "train" else spec.files[2:]
+    images = read_idx(folder / images_file.name)
+    labels = read_idx(folder / labels_file.name)
+    limit = data_cfg.train_limit if split == "train" else data_cfg.test_limit
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation of ``range(n)`` cut into (train, val) index arrays."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    return torch.from_numpy(images).float().div_(255).unsqueeze(1)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val from the training set (seeded split), test from the held-out test set."""
+
+    def __init__(self, data_cfg, batch_size: int, seed: int):
+        super().__init__()
+        self.data_cfg, self.batch_size, self.seed = data_cfg, batch_size, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        x, y = load_split(self.data_cfg, "train")
+        train_idx, val_idx = split_indices(len(x), self.data_cfg.val_fraction, self.seed)
+        x, y = to_tensor(x), torch.from_numpy(y).long()
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        xt, yt = load_split(self.data_cfg, "test")
+        self.test_set = TensorDataset(to_tensor(xt), torch.from_numpy(yt).long())
+
+    def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.data_cfg.num_workers, persistent_workers=self.data_cfg.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)

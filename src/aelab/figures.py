@@ -1,0 +1,52 @@
+"""Figures written by the stages (PNG under reports/figures/, also logged to MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from aelab.paths import atomic_path  # noqa: E402
+
+
+def image_rows(path: Path | str, rows: dict[str, torch.Tensor]) -> Path:
+    """One labelled row per entry of ``rows`` (each a (N, 1, H, W) batch in [0, 1]), saved as a PNG."""
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.3 * len(rows)), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows.items()):
+        grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=len(images), padding=2, pad_value=1.0)
+        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)
+
+
+def confusion_matrix(path: Path | str, matrix: np.ndarray, classes: list[str], title: str) -> Path:
+    """A row-normalised confusion matrix heat map with counts in the cells."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i, j in np.ndindex(matrix.shape):
+        ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path | str) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

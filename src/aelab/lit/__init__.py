@@ -1,0 +1,1 @@
+"""LightningModules wrapping the plain models in aelab.models."""

@@ -1,0 +1,46 @@
+"""The Lightning Trainer as the config describes it, and a callback that keeps per-epoch metrics."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def resolve_precision(trainer_cfg) -> str:
+    """``auto`` means bf16-mixed when training on CUDA, 32-true otherwise."""
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    on_cuda = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if on_cuda else "32-true"
+
+
+def build_trainer(trainer_cfg, logger, callbacks: list[Callback]) -> L.Trainer:
+    """A Trainer on the best available device; checkpoints are the caller's ``ModelCheckpoint``."""
+    return L.Trainer(
+        max_epochs=trainer_cfg.max_epochs,
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        precision=resolve_precision(trainer_cfg),
+        limit_train_batches=trainer_cfg.limit_train_batches,
+        enable_progress_bar=trainer_cfg.enable_progress_bar,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=None,
+        log_every_n_steps=10,
+        deterministic=False,
+    )
+
+
+class EpochHistory(Callback):
+    """Collects ``keys`` from the logged metrics at the end of each training epoch (for DVC plots)."""
+
+    def __init__(self, keys: tuple[str, ...] = ("train_loss", "val_loss", "val_mse")):
+        self.keys = keys
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch}
+        row.update({k: round(float(metrics[k]), 6) for k in self.keys if k in metrics})
+        self.rows.append(row)

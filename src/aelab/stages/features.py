@@ -1,0 +1,89 @@
+"""Stage features: encode train and test with the trained encoder; PCA with as many components as the baseline.
+
+Outputs: ``data/features/{ae,pca}.npz`` (train, test, y_train, y_test), ``reports/metrics/features.json`` (test
+reconstruction MSE of AE and PCA side by side), ``reports/figures/features_recon.png`` (original / AE / PCA).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import mlflow
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from sklearn.decomposition import PCA
+
+from aelab.config import validate
+from aelab.data.images import load_split, raw_dir, split_indices, to_tensor
+from aelab.figures import image_rows
+from aelab.lit.autoencoder import AutoencoderModule
+from aelab.paths import atomic_path, require, write_json
+from aelab.stages import CONF_DIR, output_root
+from aelab.tracking import start_run
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def encode(module: AutoencoderModule, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+    """Codes of ``images`` (uint8 N×28×28) and the mean per-pixel squared reconstruction error."""
+    codes, sq_err = [], 0.0
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size]).to(module.device)
+        code = module.encode(x)
+        codes.append(code.float().cpu().numpy())
+        sq_err += float(((torch.sigmoid(module.model.decoder(code)) - x) ** 2).sum())
+    return np.concatenate(codes), sq_err / images.size
+
+
+def save_features(path, train: np.ndarray, test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray) -> None:
+    """One feature set as an .npz with the arrays the downstream stage reads."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, train=train, test=test, y_train=y_train, y_test=y_test)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    validate(cfg)
+    root = output_root()
+    manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
+    ckpt = require(f"{cfg.pretrain.out_dir}/ae.ckpt", "pretrain")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = AutoencoderModule.load_from_checkpoint(ckpt, map_location=device).eval()
+    x_train, y_train = load_split(cfg.data, "train")
+    x_test, y_test = load_split(cfg.data, "test")
+    fit_idx, _ = split_indices(len(x_train), cfg.data.val_fraction, cfg.seed)  # the images the AE trained on
+
+    with start_run(cfg, "features", manifest):
+        ae_train, _ = encode(module, x_train, cfg.features.batch_size)
+        ae_test, ae_mse = encode(module, x_test, cfg.features.batch_size)
+        k = ae_train.shape[1]
+        flat_train = x_train.reshape(len(x_train), -1).astype(np.float32) / 255
+        flat_test = x_test.reshape(len(x_test), -1).astype(np.float32) / 255
+        pca = PCA(n_components=k, random_state=cfg.seed).fit(flat_train[fit_idx])
+        pca_test = pca.transform(flat_test)
+        pca_recon = pca.inverse_transform(pca_test)
+        pca_mse = float(((pca_recon - flat_test) ** 2).mean())
+
+        out = root / cfg.features.out_dir
+        save_features(out / "ae.npz", ae_train, ae_test, y_train, y_test)
+        save_features(out / "pca.npz", pca.transform(flat_train), pca_test, y_train, y_test)
+        metrics = {"code_dim": k, "ae_test_mse": ae_mse, "pca_test_mse": pca_mse,
+                   "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
+                   "ae_minus_pca_mse": ae_mse - pca_mse}
+        write_json(root / "reports/metrics/features.json", metrics)
+        mlflow.log_metrics(metrics)
+        log.info("reconstruction MSE on test: AE %.5f vs PCA-%d %.5f", ae_mse, k, pca_mse)
+
+        x = to_tensor(x_test[:16]).to(module.device)
+        pca_images = torch.from_numpy(pca_recon[:16].reshape(-1, 1, 28, 28))
+        fig = image_rows(root / "reports/figures/features_recon.png",
+                         {"original": x, f"AE-{k}": module(x), f"PCA-{k}": pca_images})
+        mlflow.log_artifact(str(fig))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
