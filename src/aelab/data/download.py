@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from aelab.data.catalog import DatasetSpec, IdxFile
 from aelab.data.idx import IdxFormatError, decompress, parse_idx
+from aelab.paths import atomic_path, write_json
 
 log = logging.getLogger("aelab.download")
 
@@ -59,7 +60,7 @@ def download_dataset(
     http_opts = dict(retries=retries, backoff=backoff, timeout=timeout, progress=progress)
     files = {f.name: _obtain(f, _sources(spec, f, mirror), out_dir, http_opts) for f in spec.files}
     manifest = {"dataset": spec.name, "files": files}
-    _atomic_write(out_dir / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
@@ -112,7 +113,8 @@ def _obtain(f: IdxFile, sources: list[str], out_dir: Path, http_opts: dict) -> d
         if _is_url(source):
             os.replace(part, final)
         else:
-            _atomic_write(final, raw)
+            with atomic_path(final) as tmp:
+                tmp.write_bytes(raw)
         log.info("%s: using %s", f.name, source)
         return _entry(source, raw, decoded_sha256, f)
     tried = "\n".join(f"  - {line}" for line in failures) or "  (no sources configured)"
@@ -221,11 +223,3 @@ def _is_transient(exc: BaseException) -> bool:
         exc = exc.reason
     return isinstance(exc, (OSError, http.client.HTTPException)) and not isinstance(exc, socket.gaierror)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

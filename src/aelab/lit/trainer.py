@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -33,14 +35,18 @@ def build_trainer(trainer_cfg, logger, callbacks: list[Callback]) -> L.Trainer:
 
 
 class EpochHistory(Callback):
-    """Collects ``keys`` from the logged metrics at the end of each training epoch (for DVC plots)."""
+    """Collects ``keys`` from the logged metrics and the epoch's wall time at the end of each training epoch."""
 
     def __init__(self, keys: tuple[str, ...] = ("train_loss", "val_loss", "val_mse")):
         self.keys = keys
         self.rows: list[dict[str, float]] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch}
+        row = {"epoch": trainer.current_epoch, "epoch_seconds": round(time.perf_counter() - self._start, 3)}
         row.update({k: round(float(metrics[k]), 6) for k in self.keys if k in metrics})
         self.rows.append(row)

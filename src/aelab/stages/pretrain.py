@@ -52,9 +52,10 @@ def main(cfg: DictConfig) -> dict:
 
         module = AutoencoderModule.load_from_checkpoint(best.best_model_path)
         test = trainer.test(module, datamodule=data, verbose=False)[0]
-        metrics = {"best_epoch": int(history.rows[_best_row(history.rows)]["epoch"]),
-                   "best_val_loss": float(best.best_model_score), "test_loss": test["test_loss"],
-                   "test_mse": test["test_mse"], "epochs": trainer.current_epoch,
+        best_row = min(history.rows, key=lambda row: row.get("val_loss", float("inf")))
+        metrics = {"best_epoch": best_row["epoch"], "best_val_loss": float(best.best_model_score),
+                   "test_loss": test["test_loss"], "test_mse": test["test_mse"], "epochs": trainer.current_epoch,
+                   "mean_epoch_seconds": round(sum(r["epoch_seconds"] for r in history.rows) / len(history.rows), 3),
                    "n_params": sum(p.numel() for p in module.parameters())}
         mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epochs"})
         log.info("pretrain %s: %s", cfg.model.name, metrics)
@@ -69,10 +70,6 @@ def main(cfg: DictConfig) -> dict:
         for path in (grid, ckpt, root / "reports/plots/pretrain_loss.csv"):
             mlflow.log_artifact(str(path))
     return metrics
-
-
-def _best_row(rows: list[dict]) -> int:
-    return min(range(len(rows)), key=lambda i: rows[i].get("val_loss", float("inf")))
 
 
 def _write_history(path, rows: list[dict]) -> None:
