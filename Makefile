@@ -10,12 +10,18 @@ all: repro
 
 $(BIN)/dvc: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $@
 
-setup: $(BIN)/dvc  ## create .venv and install the project (torch is the big one: ~10 min on a fresh machine)
-	@test -d /usr/share/datasets/fashion-mnist || echo "note: no local Fashion-MNIST copy; on Debian: apt-get install dataset-fashion-mnist"
+FASHION := /usr/share/datasets/fashion-mnist
+
+setup: $(BIN)/dvc $(FASHION)  ## create .venv, install the project (torch is the big one: ~10 min on a fresh machine)
+
+# The offline Fashion-MNIST copy (Debian package); without it the download stage needs the network or a mirror.
+$(FASHION):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
+	else echo "note: no $(FASHION): run 'sudo apt-get install dataset-fashion-mnist', or set AELAB_MIRROR"; fi
 
 repro: setup  ## run the pipeline on the default config
 	dvc repro
