@@ -30,7 +30,7 @@ def test_data_group_inherits_defaults(dataset):
 @pytest.mark.parametrize(
     "override, key, fragment",
     [
-        ("pretrain.lr=-1", "pretrain.lr", "greater than 0"),
+        ("pretrain.optim.lr=-1", "pretrain.optim.lr", "greater than 0"),
         ("pretrain.loss=l1", "pretrain.loss", "'bce' or 'mse'"),
         ("trainer.max_epochs=abc", "trainer.max_epochs", "valid integer"),
         ("trainer.max_epochs=0", "trainer.max_epochs", "greater than 0"),
@@ -39,7 +39,7 @@ def test_data_group_inherits_defaults(dataset):
         ("model.hidden=[128,-4]", "model.hidden.1", "greater than 0"),
         ("downstream.max_depth=2.5", "downstream.max_depth", "integer"),
         ("data.name=cifar100", "data.name", "known datasets: fashion_mnist, kmnist, mnist"),
-        ("+pretrain.lr_typo=1", "pretrain.lr_typo", "Extra inputs are not permitted"),
+        ("+pretrain.optim.lr_typo=1", "pretrain.optim.lr_typo", "Extra inputs are not permitted"),
     ],
 )
 def test_bad_value_names_key(override, key, fragment):
@@ -51,5 +51,5 @@ def test_bad_value_names_key(override, key, fragment):
 
 def test_every_error_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        validate(compose_cfg("pretrain.lr=0", "pretrain.batch_size=-3"))
-    assert "pretrain.lr:" in str(err.value) and "pretrain.batch_size:" in str(err.value)
+        validate(compose_cfg("pretrain.optim.lr=0", "pretrain.batch_size=-3"))
+    assert "pretrain.optim.lr:" in str(err.value) and "pretrain.batch_size:" in str(err.value)

@@ -37,12 +37,12 @@ def test_code_dim_override_changes_the_code():
 @pytest.mark.parametrize("loss", ["bce", "mse"])
 def test_loss_decreases_on_one_batch(loss):
     torch.manual_seed(0)
-    module = AutoencoderModule(OmegaConf.to_container(compose_cfg("model=simple").model), loss=loss, lr=1e-2)
+    module = AutoencoderModule(OmegaConf.to_container(compose_cfg("model=simple").model), loss=loss, optim={"lr": 1e-2})
     x = torch.rand(16, 1, 28, 28).round()
     opt = module.configure_optimizers()
     losses = []
     for _ in range(20):
-        loss_value = module._loss(module.model(x), x)
+        loss_value = module.reconstruction_loss(module.model(x), x)
         opt.zero_grad()
         loss_value.backward()
         opt.step()
@@ -76,6 +76,6 @@ def test_gpu_training_step_in_bf16():
     module = AutoencoderModule(OmegaConf.to_container(cfg.model)).cuda()
     x = torch.rand(8, 1, 28, 28, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = module._loss(module.model(x), x)
+        loss = module.reconstruction_loss(module.model(x), x)
     loss.backward()
     assert torch.isfinite(loss)

@@ -76,7 +76,7 @@ def test_pretrain_without_download_names_download(workdir, smoke_overrides):
 
 
 def test_bad_config_is_rejected_before_any_work(tiny_raw, smoke_overrides):
-    with pytest.raises(ConfigError, match=r"pretrain\.lr"):
-        pretrain.main(compose_cfg(*smoke_overrides, "pretrain.lr=-0.1"))
+    with pytest.raises(ConfigError, match=r"pretrain\.optim\.lr"):
+        pretrain.main(compose_cfg(*smoke_overrides, "pretrain.optim.lr=-0.1"))
     assert not (tiny_raw / "models").exists()
     assert not (tiny_raw / "mlflow.db").exists()

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from aelab.data.catalog import DATASETS
 
@@ -39,12 +40,21 @@ class DataCfg(_Section):
         return name
 
 
+Rate = Field(ge=0, lt=1)
+NonNegative = Field(ge=0)
+
+
 class ModelCfg(_Section):
     target: str = Field(alias="_target_")
     name: str
     code_dim: PositiveInt
     hidden: list[PositiveInt] | None = None
     channels: list[PositiveInt] | None = Field(default=None, min_length=2, max_length=2)
+    dropout_input: float = Rate
+    dropout_hidden: float = Rate
+    norm: Literal["none", "bn_pre", "bn_post"]
+    init: Literal["default", "xavier", "he"]
+    code_activation: Literal["relu", "sigmoid", "linear"]
 
 
 class TrainerCfg(_Section):
@@ -61,12 +71,37 @@ class MlflowCfg(_Section):
     experiment: str
 
 
+class OptimCfg(_Section):
+    name: Literal["adam", "sgd"]
+    lr: PositiveFloat
+    weight_decay: float = NonNegative
+    momentum: float = Rate
+    betas: list[float] = Field(min_length=2, max_length=2)
+    schedule: Literal["none", "step", "cosine", "onecycle"]
+    step_size: PositiveInt
+    gamma: float = Field(gt=0, le=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, betas: list[float]) -> list[float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"both Adam betas must be in [0, 1), got {betas}")
+        return betas
+
+
+class PenaltyCfg(_Section):
+    l1_weight: float = NonNegative
+    activity_l1: float = NonNegative
+    sparsity_kl: float = NonNegative
+    sparsity_target: float = Field(gt=0, lt=1)
+
+
 class PretrainCfg(_Section):
     loss: Literal["bce", "mse"]
-    lr: PositiveFloat
-    weight_decay: float = Field(ge=0)
     batch_size: PositiveInt
     out_dir: str
+    optim: OptimCfg
+    penalty: PenaltyCfg
 
 
 class FeaturesCfg(_Section):
@@ -92,6 +127,13 @@ class Config(_Section):
     features: FeaturesCfg
     downstream: DownstreamCfg
 
+    @model_validator(mode="after")
+    def _kl_needs_unit_interval_codes(self) -> "Config":
+        if self.pretrain.penalty.sparsity_kl > 0 and self.model.code_activation != "sigmoid":
+            raise ValueError("pretrain.penalty.sparsity_kl > 0 needs model.code_activation=sigmoid "
+                             f"(codes in (0, 1)), got {self.model.code_activation!r}")
+        return self
+
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming each key whose value is missing, unknown, or of the wrong type or range."""
@@ -103,5 +145,5 @@ def validate(cfg: DictConfig) -> None:
         for e in err.errors():
             key = ".".join(str(part) for part in e["loc"])
             got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
-            lines.append(f"  {key}: {e['msg']}{got}")
+            lines.append(f"  {key}: {e['msg']}{got}" if key else f"  {e['msg']}")
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None

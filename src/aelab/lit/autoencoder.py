@@ -1,4 +1,4 @@
-"""LightningModule for autoencoders: reconstruction loss (BCE with logits or MSE), Adam, test MSE."""
+"""LightningModule for autoencoders: reconstruction loss + penalties, the configured optimizer and LR schedule."""
 
 from __future__ import annotations
 
@@ -7,19 +7,29 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from omegaconf import OmegaConf
+
+from aelab.models.penalties import activity_l1, kl_sparsity, weight_l1
+
+DEFAULT_OPTIM = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "betas": [0.9, 0.999],
+                 "schedule": "none", "step_size": 10, "gamma": 0.5}
+DEFAULT_PENALTY = {"l1_weight": 0.0, "activity_l1": 0.0, "sparsity_kl": 0.0, "sparsity_target": 0.05}
 
 
 class AutoencoderModule(L.LightningModule):
     """Trains the model described by ``model_cfg`` (a Hydra ``_target_`` dict) to reproduce its input.
 
     The model outputs logits; ``sigmoid(logits)`` is the reconstruction in [0, 1]. ``loss="bce"`` is binary
-    cross-entropy on the logits, ``loss="mse"`` the squared error of the reconstruction. Whatever the loss, the
-    per-pixel MSE is tracked as ``val_mse`` / ``test_mse`` so models (and PCA) compare on one scale.
+    cross-entropy on the logits, ``loss="mse"`` the squared error of the reconstruction. ``penalty`` adds L1 on
+    the weights, L1 on the code activity and a KL sparsity term toward ``sparsity_target``; L2 is the optimizer's
+    ``weight_decay``. Whatever the loss, the per-pixel MSE is tracked as ``val_mse`` / ``test_mse``.
     """
 
-    def __init__(self, model_cfg: dict, loss: str = "bce", lr: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(self, model_cfg: dict, loss: str = "bce", optim: dict | None = None, penalty: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
+        self.optim = {**DEFAULT_OPTIM, **(optim or {})}
+        self.penalty = {**DEFAULT_PENALTY, **(penalty or {})}
         self.model = hydra.utils.instantiate(model_cfg)
         self.val_mse = torchmetrics.MeanSquaredError()
         self.test_mse = torchmetrics.MeanSquaredError()
@@ -31,21 +41,36 @@ class AutoencoderModule(L.LightningModule):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode(x)
 
-    def _loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def reconstruction_loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss == "bce":
             return F.binary_cross_entropy_with_logits(logits.float(), x)
         return F.mse_loss(torch.sigmoid(logits.float()), x)
 
+    def penalty_loss(self, code: torch.Tensor) -> torch.Tensor:
+        """The configured penalties for one batch's ``code`` (0 when all weights are 0)."""
+        p, total = self.penalty, code.new_zeros(())
+        if p["l1_weight"]:
+            total = total + p["l1_weight"] * weight_l1(self.model)
+        if p["activity_l1"]:
+            total = total + p["activity_l1"] * activity_l1(code)
+        if p["sparsity_kl"]:
+            total = total + p["sparsity_kl"] * kl_sparsity(code.float(), p["sparsity_target"])
+        return total
+
     def training_step(self, batch, batch_idx):
-        x, _ = batch
-        loss = self._loss(self.model(x), x)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        x = batch[0]
+        code = self.model.encode(x)
+        recon = self.reconstruction_loss(self.model.decoder(code), x)
+        penalty = self.penalty_loss(code)
+        self.log("train_loss", recon, on_step=False, on_epoch=True, prog_bar=True)
+        if penalty.requires_grad:
+            self.log("train_penalty", penalty, on_step=False, on_epoch=True)
+        return recon + penalty
 
     def _eval_step(self, batch, prefix: str, mse: torchmetrics.MeanSquaredError) -> None:
-        x, _ = batch
+        x = batch[0]
         logits = self.model(x)
-        self.log(f"{prefix}_loss", self._loss(logits, x), prog_bar=True)
+        self.log(f"{prefix}_loss", self.reconstruction_loss(logits, x), prog_bar=True)
         mse(torch.sigmoid(logits.float()).flatten(), x.flatten())
         self.log(f"{prefix}_mse", mse)
 
@@ -56,4 +81,26 @@ class AutoencoderModule(L.LightningModule):
         self._eval_step(batch, "test", self.test_mse)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        o = self.optim
+        if o["name"] == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        if o["schedule"] == "none":
+            return opt
+        if o["schedule"] == "step":
+            sched = {"scheduler": torch.optim.lr_scheduler.StepLR(opt, o["step_size"], o["gamma"]), "interval": "epoch"}
+        elif o["schedule"] == "cosine":
+            sched = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.trainer.max_epochs),
+                     "interval": "epoch"}
+        else:
+            steps = self.trainer.estimated_stepping_batches
+            sched = {"scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, o["lr"], total_steps=steps), "interval": "step"}
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+
+def autoencoder_module(cfg) -> AutoencoderModule:
+    """The module for the composed config's ``model`` and ``pretrain`` sections."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return AutoencoderModule(plain["model"], plain["pretrain"]["loss"], plain["pretrain"]["optim"],
+                             plain["pretrain"]["penalty"])

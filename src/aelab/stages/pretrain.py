@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from aelab.config import validate
 from aelab.data.images import ImageDataModule, raw_dir
 from aelab.figures import image_rows
-from aelab.lit.autoencoder import AutoencoderModule
+from aelab.lit.autoencoder import AutoencoderModule, autoencoder_module
 from aelab.lit.trainer import EpochHistory, build_trainer
 from aelab.paths import atomic_path, require, write_json
 from aelab.stages import CONF_DIR, output_root
@@ -37,8 +37,7 @@ def main(cfg: DictConfig) -> dict:
     manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
     L.seed_everything(cfg.seed, workers=True)
     data = ImageDataModule(cfg.data, cfg.pretrain.batch_size, cfg.seed)
-    module = AutoencoderModule(OmegaConf.to_container(cfg.model, resolve=True), cfg.pretrain.loss,
-                               cfg.pretrain.lr, cfg.pretrain.weight_decay)
+    module = autoencoder_module(cfg)
     out_dir = root / cfg.pretrain.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
