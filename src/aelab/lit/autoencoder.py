@@ -20,7 +20,8 @@ class AutoencoderModule(L.LightningModule):
     """Trains the model described by ``model_cfg`` (a Hydra ``_target_`` dict) to reproduce its input.
 
     The model outputs logits; ``sigmoid(logits)`` is the reconstruction in [0, 1]. ``loss="bce"`` is binary
-    cross-entropy on the logits, ``loss="mse"`` the squared error of the reconstruction. ``penalty`` adds L1 on
+    cross-entropy on the logits, ``loss="mse"`` the squared error of the reconstruction, and ``loss="mse_linear"``
+    the squared error of the raw output (for standardized tables, whose values are not in [0, 1]). ``penalty`` adds L1 on
     the weights, L1 on the code activity and a KL sparsity term toward ``sparsity_target``; L2 is the optimizer's
     ``weight_decay``. Whatever the loss, the per-pixel MSE is tracked as ``val_mse`` / ``test_mse``.
     """
@@ -34,9 +35,13 @@ class AutoencoderModule(L.LightningModule):
         self.val_mse = torchmetrics.MeanSquaredError()
         self.test_mse = torchmetrics.MeanSquaredError()
 
+    def output(self, logits: torch.Tensor) -> torch.Tensor:
+        """The reconstruction from the model's raw output: sigmoid, except for ``mse_linear``."""
+        return logits.float() if self.hparams.loss == "mse_linear" else torch.sigmoid(logits.float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in [0, 1]."""
-        return torch.sigmoid(self.model(x))
+        """Reconstruction of ``x``."""
+        return self.output(self.model(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode(x)
@@ -44,7 +49,7 @@ class AutoencoderModule(L.LightningModule):
     def reconstruction_loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss == "bce":
             return F.binary_cross_entropy_with_logits(logits.float(), x)
-        return F.mse_loss(torch.sigmoid(logits.float()), x)
+        return F.mse_loss(self.output(logits), x)
 
     def penalty_loss(self, code: torch.Tensor) -> torch.Tensor:
         """The configured penalties for one batch's ``code`` (0 when all weights are 0)."""
@@ -71,7 +76,7 @@ class AutoencoderModule(L.LightningModule):
         x = batch[0]
         logits = self.model(x)
         self.log(f"{prefix}_loss", self.reconstruction_loss(logits, x), prog_bar=True)
-        mse(torch.sigmoid(logits.float()).flatten(), x.flatten())
+        mse(self.output(logits).flatten(), x.flatten())
         self.log(f"{prefix}_mse", mse)
 
     def validation_step(self, batch, batch_idx):

@@ -34,7 +34,7 @@ def encode(module: AutoencoderModule, images: np.ndarray, batch_size: int) -> tu
         x = to_tensor(images[start:start + batch_size]).to(module.device)
         code = module.encode(x)
         codes.append(code.float().cpu().numpy())
-        sq_err += float(((torch.sigmoid(module.model.decoder(code)) - x) ** 2).sum())
+        sq_err += float(((module.output(module.model.decoder(code)) - x) ** 2).sum())
     return np.concatenate(codes), sq_err / images.size
 
 
