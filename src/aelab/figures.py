@@ -16,15 +16,15 @@ from aelab.paths import atomic_path  # noqa: E402
 
 
 def image_rows(path: Path | str, rows: dict[str, torch.Tensor]) -> Path:
-    """One labelled row per entry of ``rows`` (each a (N, 1, H, W) batch in [0, 1]), saved as a PNG."""
+    """One labelled row per entry of ``rows`` (each a (N, 1 or 3, H, W) batch in [0, 1]), saved as a PNG."""
     fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.3 * len(rows)), squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], rows.items()):
         grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=len(images), padding=2, pad_value=1.0)
-        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(grid.permute(1, 2, 0).numpy())  # make_grid repeats 1-channel images into gray RGB
         ax.set_ylabel(label, rotation=0, ha="right", va="center")
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix(path: Path | str, matrix: np.ndarray, classes: list[str], title: str) -> Path:
@@ -40,10 +40,11 @@ def confusion_matrix(path: Path | str, matrix: np.ndarray, classes: list[str], t
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path | str) -> Path:
+def save_figure(fig, path: Path | str) -> Path:
+    """Save a matplotlib figure as a PNG, atomically, and close it."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.tight_layout()

@@ -62,11 +62,13 @@ class AutoencoderModule(L.LightningModule):
             total = total + p["sparsity_kl"] * kl_sparsity(code.float(), p["sparsity_target"])
         return total
 
-    def training_step(self, batch, batch_idx):
-        x = batch[0]
+    def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction loss, penalty) of one batch; training minimises their sum."""
         code = self.model.encode(x)
-        recon = self.reconstruction_loss(self.model.decoder(code), x)
-        penalty = self.penalty_loss(code)
+        return self.reconstruction_loss(self.model.decoder(code), x), self.penalty_loss(code)
+
+    def training_step(self, batch, batch_idx):
+        recon, penalty = self.losses(batch[0])
         self.log("train_loss", recon, on_step=False, on_epoch=True, prog_bar=True)
         if penalty.requires_grad:
             self.log("train_penalty", penalty, on_step=False, on_epoch=True)
