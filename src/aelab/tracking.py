@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -46,15 +48,26 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 @contextmanager
-def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None):
-    """An MLflow run for one stage, tagged with stage, git commit and dataset manifest hash, config logged."""
+def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, dataset: str | None = None):
+    """An MLflow run for one stage, tagged with stage, git commit, dataset (``data.name`` unless given) and
+    dataset manifest hash, config logged. Inside a Hydra multirun it is a child of the sweep's parent run
+    (see aelab.sweep) and carries the job's overrides."""
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_experiment(cfg.mlflow.experiment)
-    tags = {"stage": stage, "git_commit": git_commit(), "dataset": cfg.data.name}
+    tags = {"stage": stage, "git_commit": git_commit(), "dataset": dataset or cfg.data.name}
     if manifest is not None:
         tags["dataset_manifest_sha256"] = file_hash(manifest)
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+    parent = mlflow.active_run()
+    if parent is not None and HydraConfig.initialized():
+        tags["sweep_overrides"] = " ".join(HydraConfig.get().overrides.task)
+    with mlflow.start_run(run_name=tags.get("sweep_overrides", stage), tags=tags, nested=parent is not None) as run:
         config = OmegaConf.to_container(cfg, resolve=True)
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.yaml")
         yield run
+
+
+def lightning_logger(cfg: DictConfig, run) -> MLFlowLogger:
+    """Lightning's MLflow logger writing into the already started ``run`` (per-epoch metrics)."""
+    return MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg),
+                        run_id=run.info.run_id)

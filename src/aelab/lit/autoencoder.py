@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from omegaconf import OmegaConf
 
+from aelab.data.images import to_tensor
 from aelab.models.penalties import activity_l1, kl_sparsity, weight_l1
 
 DEFAULT_OPTIM = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "betas": [0.9, 0.999],
@@ -111,3 +113,15 @@ def autoencoder_module(cfg) -> AutoencoderModule:
     plain = OmegaConf.to_container(cfg, resolve=True)
     return AutoencoderModule(plain["model"], plain["pretrain"]["loss"], plain["pretrain"]["optim"],
                              plain["pretrain"]["penalty"])
+
+
+@torch.inference_mode()
+def encode(module: AutoencoderModule, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+    """Codes of ``images`` (uint8 N×28×28) and the mean per-pixel squared reconstruction error."""
+    codes, sq_err = [], 0.0
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size]).to(module.device)
+        code = module.encode(x)
+        codes.append(code.float().cpu().numpy())
+        sq_err += float(((module.output(module.model.decoder(code)) - x) ** 2).sum())
+    return np.concatenate(codes), sq_err / images.size

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
 def resolve_precision(trainer_cfg) -> str:
@@ -50,3 +53,19 @@ class EpochHistory(Callback):
         row = {"epoch": trainer.current_epoch, "epoch_seconds": round(time.perf_counter() - self._start, 3)}
         row.update({k: round(float(metrics[k]), 6) for k in self.keys if k in metrics})
         self.rows.append(row)
+
+
+def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_cfg, logger, ckpt: Path | str,
+             keys: tuple[str, ...] = ("train_loss", "val_loss")) -> tuple[L.LightningModule, EpochHistory, float]:
+    """Fit ``module``; keep the checkpoint with the lowest ``val_loss`` at ``ckpt`` (nothing else is left behind).
+
+    Returns that checkpoint reloaded (on the CPU), the per-epoch history of ``keys`` and the best ``val_loss``.
+    """
+    ckpt = Path(ckpt)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ckpt.parent) as tmp:
+        best = ModelCheckpoint(dirpath=tmp, filename="best", monitor="val_loss", mode="min", save_top_k=1)
+        history = EpochHistory(keys)
+        build_trainer(trainer_cfg, logger, [best, history]).fit(module, datamodule=datamodule)
+        os.replace(best.best_model_path, ckpt)
+    return type(module).load_from_checkpoint(ckpt, map_location="cpu"), history, float(best.best_model_score)

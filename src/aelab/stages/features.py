@@ -18,24 +18,12 @@ from sklearn.decomposition import PCA
 from aelab.config import validate
 from aelab.data.images import load_split, raw_dir, split_indices, to_tensor
 from aelab.figures import image_rows
-from aelab.lit.autoencoder import AutoencoderModule
+from aelab.lit.autoencoder import AutoencoderModule, encode
 from aelab.paths import atomic_path, require, write_json
 from aelab.stages import CONF_DIR, output_root
 from aelab.tracking import start_run
 
 log = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def encode(module: AutoencoderModule, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
-    """Codes of ``images`` (uint8 N×28×28) and the mean per-pixel squared reconstruction error."""
-    codes, sq_err = [], 0.0
-    for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start:start + batch_size]).to(module.device)
-        code = module.encode(x)
-        codes.append(code.float().cpu().numpy())
-        sq_err += float(((module.output(module.model.decoder(code)) - x) ** 2).sum())
-    return np.concatenate(codes), sq_err / images.size
 
 
 def save_features(path, train: np.ndarray, test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray) -> None:

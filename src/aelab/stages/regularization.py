@@ -1,0 +1,105 @@
+"""Stage regularization: the lecture's regularizers side by side on one small training set.
+
+Each variant (``regularization.variants``: name -> overrides of the composed config) trains the configured
+autoencoder on the first ``train_limit`` training images — few enough that regularization has overfitting to fight —
+as a child MLflow run of one ``regularization`` run. The table answers the lecture's questions: best validation
+loss and the generalization gap (val - train loss), test MSE, the epochs/steps each variant needs to reach the
+baseline's best validation loss (BN's "fewer steps" claim), the code's sparsity (mean activation, fraction of units
+near zero) and what an XGBoost classifier makes of the codes.
+
+Outputs: ``reports/regularization.md``, ``reports/metrics/regularization.json``, ``reports/plots/regularization_val_loss.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import hydra
+import mlflow
+import torch
+from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import accuracy_score
+from xgboost import XGBClassifier
+
+from aelab.config import ConfigError, validate
+from aelab.data.images import ImageDataModule, load_split, raw_dir, split_indices
+from aelab.lit.autoencoder import autoencoder_module, encode
+from aelab.lit.trainer import build_trainer, fit_best
+from aelab.models.penalties import code_sparsity
+from aelab.paths import atomic_path, require, write_csv, write_json
+from aelab.stages import CONF_DIR, output_root
+from aelab.sweep import compare, markdown_table
+from aelab.tracking import lightning_logger, start_run
+
+log = logging.getLogger(__name__)
+
+
+def variant_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Each variant's full config (its overrides on top of ``cfg``, on the study's data and epochs), validated."""
+    study = cfg.regularization
+    base = OmegaConf.merge(cfg, {"data": {"train_limit": study.train_limit}, "trainer": {"max_epochs": study.max_epochs}})
+    configs = {}
+    for name, overrides in study.variants.items():
+        configs[name] = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        try:
+            validate(configs[name])
+        except ConfigError as err:
+            raise ConfigError(f"regularization.variants.{name}: {err}") from None
+    return configs
+
+
+def train_variant(name: str, vcfg: DictConfig, workdir: str) -> tuple[dict, list[tuple[int, float]]]:
+    """Train one variant in a child run; return its row of the table and its (step, val loss) history."""
+    with mlflow.start_run(run_name=name, nested=True, tags={"stage": "regularization", "variant": name}) as run:
+        mlflow.log_params({"variant": name, "overrides": " ".join(vcfg.regularization.variants[name]) or "(none)"})
+        data = ImageDataModule(vcfg.data, vcfg.pretrain.batch_size, vcfg.seed)
+        module, history, best = fit_best(autoencoder_module(vcfg), data, vcfg.trainer, lightning_logger(vcfg, run),
+                                         f"{workdir}/{name}.ckpt", keys=("train_loss", "val_loss"))
+        test_mse = build_trainer(vcfg.trainer, False, []).test(module, datamodule=data, verbose=False)[0]["test_mse"]
+        x_train, y_train = load_split(vcfg.data, "train")
+        fit_idx, _ = split_indices(len(x_train), vcfg.data.val_fraction, vcfg.seed)
+        x_test, y_test = load_split(vcfg.data, "test")
+        codes_train, _ = encode(module.eval(), x_train[fit_idx], 1024)
+        codes_test, _ = encode(module, x_test, 1024)
+        xgb = XGBClassifier(n_estimators=vcfg.regularization.xgb_estimators, max_depth=4, tree_method="hist",
+                            random_state=vcfg.seed).fit(codes_train, y_train[fit_idx])
+        last = history.rows[-1]
+        row = {"variant": name, "best_val_loss": best, "final_train_loss": last["train_loss"],
+               "final_val_loss": last["val_loss"], "gap_val_minus_train": last["val_loss"] - last["train_loss"],
+               "test_mse": test_mse, **code_sparsity(torch.from_numpy(codes_test)),
+               "xgb_accuracy_on_codes": float(accuracy_score(y_test, xgb.predict(codes_test)))}
+        mlflow.log_metrics({k: v for k, v in row.items() if isinstance(v, float)})
+    steps_per_epoch = len(data.train_dataloader())
+    return row, [((r["epoch"] + 1) * steps_per_epoch, r["val_loss"]) for r in history.rows]
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> list[dict]:
+    validate(cfg)
+    root = output_root()
+    manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
+    configs = variant_configs(cfg)
+    rows, histories = [], []
+    with start_run(cfg, "regularization", manifest), tempfile.TemporaryDirectory() as workdir:
+        for name, vcfg in configs.items():
+            row, history = train_variant(name, vcfg, workdir)
+            rows.append(row)
+            histories.append(history)
+            log.info("%s: %s", name, row)
+        baseline = rows[0]["best_val_loss"]  # the first variant is the reference
+        rows = compare(rows, histories, target=baseline)
+        table = markdown_table(rows)
+        with atomic_path(root / "reports/regularization.md") as tmp:
+            tmp.write_text(table)
+        write_json(root / "reports/metrics/regularization.json", {row["variant"]: row for row in rows})
+        write_csv(root / "reports/plots/regularization_val_loss.csv",
+                  [{"epoch": e + 1, **{r["variant"]: h[e][1] if e < len(h) else "" for r, h in zip(rows, histories)}}
+                   for e in range(max(len(h) for h in histories))])
+        mlflow.log_text(table, "regularization.md")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
