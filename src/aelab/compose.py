@@ -1,4 +1,4 @@
-"""Write params.yaml from conf/ exactly as `dvc exp run` does (DVC's own Hydra composition).
+"""Write params.yaml from ./conf exactly as `dvc exp run` does (DVC's own Hydra composition).
 
 ``python -m aelab.compose [OVERRIDE ...] [--out FILE]``, e.g. ``python -m aelab.compose profile=smoke``.
 """
@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dvc.utils.hydra import compose_and_dump
 
-from aelab.stages import CONF_DIR
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=conv pretrain.lr=0.01")
     parser.add_argument("--out", default="params.yaml")
     args = parser.parse_args(argv)
-    compose_and_dump(args.out, CONF_DIR, None, "config", "", args.overrides)
+    compose_and_dump(args.out, str(Path("conf").resolve()), None, "config", "", args.overrides)
     print(f"wrote {args.out}")
 
 
