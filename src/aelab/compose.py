@@ -11,10 +11,9 @@ from pathlib import Path
 from dvc.utils.hydra import compose_and_dump
 
 
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=conv pretrain.lr=0.01")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=conv pretrain.optim.lr=0.01")
     parser.add_argument("--out", default="params.yaml")
     args = parser.parse_args(argv)
     compose_and_dump(args.out, str(Path("conf").resolve()), None, "config", "", args.overrides)
