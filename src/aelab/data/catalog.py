@@ -14,16 +14,30 @@ class IdxFile:
 
 
 @dataclass(frozen=True)
+class TarArchive:
+    name: str  # file name on mirrors and in the output dir
+    shape: tuple[int, ...]  # shape of the image array its reader builds (all splits together)
+    members: tuple[str, ...]  # paths the archive must contain
+    decoded_sha256: str | None = None  # sha256 of the decompressed tar stream
+    archive_md5: str | None = None  # md5 of the upstream archive (used when decoded_sha256 is None)
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     mirrors: tuple[str, ...]  # base URLs tried in order; file URL = base.rstrip('/') + '/' + file.name
     system_dir: str | None  # local system copy directory, or None
-    files: tuple[IdxFile, ...]  # train images, train labels, test images, test labels
+    files: tuple[IdxFile | TarArchive, ...]  # IDX: train images, train labels, test images, test labels
     classes: tuple[str, ...]
+    channels: int = 1  # 1: grayscale IDX sets (autoencoder, denoising); 3: color sets (colorization)
 
 
 class UnknownDatasetError(ValueError):
     """The requested dataset name is not in the catalog."""
+
+
+class ChannelError(ValueError):
+    """A catalog data set with the wrong number of image channels for the stage that asked for it."""
 
 
 _NAMES = (
@@ -97,6 +111,22 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
     ),
+    "cifar10": DatasetSpec(
+        name="cifar10",
+        mirrors=("https://www.cs.toronto.edu/~kriz",),
+        system_dir=None,
+        files=(
+            TarArchive(
+                "cifar-10-python.tar.gz",
+                (60000, 32, 32, 3),
+                tuple(f"cifar-10-batches-py/{b}" for b in ("data_batch_1", "data_batch_2", "data_batch_3",
+                                                           "data_batch_4", "data_batch_5", "test_batch")),
+                archive_md5="c58f30108f718f92721af3b95e74349a",
+            ),
+        ),
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        channels=3,
+    ),
 }
 
 
@@ -107,3 +137,14 @@ def get_spec(name: str) -> DatasetSpec:
     except KeyError:
         known = ", ".join(sorted(DATASETS))
         raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {known}") from None
+
+
+def image_set(name: str, channels: int) -> DatasetSpec:
+    """The catalog entry for ``name`` if its images have ``channels`` channels; errors list the names that do."""
+    fitting = sorted(n for n, spec in DATASETS.items() if spec.channels == channels)
+    if name in fitting:
+        return DATASETS[name]
+    if name in DATASETS:
+        raise ChannelError(f"{name!r} has {DATASETS[name].channels}-channel images but {channels}-channel ones are "
+                           f"needed here: use one of {', '.join(fitting)}")
+    raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(fitting)}")

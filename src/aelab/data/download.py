@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
 import socket
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from aelab.data.catalog import DatasetSpec, IdxFile
+from aelab.data.catalog import DatasetSpec, IdxFile, TarArchive
 from aelab.data.idx import IdxFormatError, decompress, parse_idx
 from aelab.paths import atomic_path, write_json
 
@@ -31,6 +33,10 @@ class DownloadError(RuntimeError):
 
 class ChecksumError(ValueError):
     """Fetched content does not match the catalog's digest."""
+
+
+class ArchiveFormatError(ValueError):
+    """A fetched archive is not a tar stream or lacks a member the catalog expects."""
 
 
 class _SourceError(Exception):
@@ -80,7 +86,7 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def _sources(spec: DatasetSpec, f: IdxFile, mirror: str | None) -> list[str]:
+def _sources(spec: DatasetSpec, f: IdxFile | TarArchive, mirror: str | None) -> list[str]:
     sources = [base.rstrip("/") + "/" + f.name for base in spec.mirrors]
     if spec.system_dir:
         sources.append(str(Path(spec.system_dir) / f.name))
@@ -90,7 +96,7 @@ def _sources(spec: DatasetSpec, f: IdxFile, mirror: str | None) -> list[str]:
     return sources
 
 
-def _obtain(f: IdxFile, sources: list[str], out_dir: Path, http_opts: dict) -> dict:
+def _obtain(f: IdxFile | TarArchive, sources: list[str], out_dir: Path, http_opts: dict) -> dict:
     final = out_dir / f.name
     if final.exists():
         raw = final.read_bytes()
@@ -121,7 +127,7 @@ def _obtain(f: IdxFile, sources: list[str], out_dir: Path, http_opts: dict) -> d
     raise DownloadError(f"could not obtain {f.name}; sources tried:\n{tried}\nhint: {HINT}")
 
 
-def _entry(source: str, raw: bytes, decoded_sha256: str, f: IdxFile) -> dict:
+def _entry(source: str, raw: bytes, decoded_sha256: str, f: IdxFile | TarArchive) -> dict:
     return {
         "source": source,
         "bytes": len(raw),
@@ -131,11 +137,12 @@ def _entry(source: str, raw: bytes, decoded_sha256: str, f: IdxFile) -> dict:
     }
 
 
-def _verify(f: IdxFile, raw: bytes, source: str) -> str:
+def _verify(f: IdxFile | TarArchive, raw: bytes, source: str) -> str:
     """Check ``raw`` against ``f``; return the decoded payload's sha256."""
     decoded = decompress(raw, source)
-    shape = parse_idx(decoded, source).shape
-    if shape != tuple(f.shape):
+    if isinstance(f, TarArchive):
+        _check_tar(f, decoded, source)
+    elif (shape := parse_idx(decoded, source).shape) != tuple(f.shape):
         raise IdxFormatError(f"{source}: IDX shape {shape} does not match expected {tuple(f.shape)}")
     decoded_sha256 = hashlib.sha256(decoded).hexdigest()
     if f.decoded_sha256:
@@ -147,6 +154,17 @@ def _verify(f: IdxFile, raw: bytes, source: str) -> str:
     if actual != expected:
         raise ChecksumError(f"{source}: checksum mismatch for {f.name}: expected {kind} {expected}, got {actual}")
     return decoded_sha256
+
+
+def _check_tar(f: TarArchive, data: bytes, source: str) -> None:
+    """``data`` must be a tar stream holding every member ``f`` lists."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            names = set(tar.getnames())
+    except tarfile.TarError as exc:
+        raise ArchiveFormatError(f"{source}: not a tar archive ({exc})") from exc
+    if missing := [m for m in f.members if m not in names]:
+        raise ArchiveFormatError(f"{source}: tar archive lacks {', '.join(missing)}")
 
 
 def _read_local(path: str) -> bytes:

@@ -1,0 +1,109 @@
+"""Stage colorize: a U-Net predicts the Lab chroma (ab) of an image from its luminance (L).
+
+Why Lab: see aelab.data.color; the output keeps the input's luminance exactly and the loss measures color only.
+Scored on the test images against the baseline "grayscale replicated to three channels" (L with ab = 0):
+PSNR and SSIM of the RGB image, mean absolute error of ab (Lab units), and the Hasler-Suesstrunk colorfulness
+of predicted, true and gray images. When make_color_set fell back to photograph patches the metrics say so
+(``fallback``: 1) and so do the MLflow tag ``color_source`` and the figure.
+
+Outputs: ``models/colorize/colorizer.ckpt``, ``reports/metrics/colorize.json``, ``reports/plots/colorize_loss.csv``,
+``reports/figures/colorize_grid.png``; one MLflow run with all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import mlflow
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from aelab.config import validate
+from aelab.data.color import AB_SCALE, ColorDataModule, to_rgb
+from aelab.figures import image_rows
+from aelab.lit.image2image import ImageToImageModule
+from aelab.lit.trainer import fit_best
+from aelab.metrics import ImageQuality, colorfulness
+from aelab.paths import require, write_csv, write_json
+from aelab.stages import CONF_DIR, output_root
+from aelab.tracking import flatten, lightning_logger, start_run
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def evaluate(module: ImageToImageModule, l_in: torch.Tensor, ab: torch.Tensor, rgb: torch.Tensor,
+             batch_size: int = 500) -> dict:
+    """Predicted and gray images against the true ``rgb``: PSNR, SSIM, ab MAE and colorfulness (means)."""
+    quality = ImageQuality(["model", "gray"])
+    ab_abs_err = {"model": 0.0, "gray": 0.0}
+    colorful = {"model": 0.0, "gray": 0.0, "true": 0.0}
+    for start in range(0, len(l_in), batch_size):
+        x, y, true = (t[start:start + batch_size] for t in (l_in, ab, rgb))
+        pred_ab = module(x.to(module.device)).float().cpu()
+        images = {"model": to_rgb(x, pred_ab), "gray": to_rgb(x, torch.zeros_like(y))}
+        quality.update(true, images)
+        for name, guess in (("model", pred_ab), ("gray", torch.zeros_like(y))):
+            ab_abs_err[name] += float((guess - y).abs().sum()) * AB_SCALE
+        for name, image in (*images.items(), ("true", true)):
+            colorful[name] += float(colorfulness(image).sum())
+    return {**quality.compute(), "ab_mae": {k: v / ab.numel() for k, v in ab_abs_err.items()},
+            "colorfulness": {k: v / len(l_in) for k, v in colorful.items()}}
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    validate(cfg)
+    root = output_root()
+    c = cfg.colorize
+    manifest_path = require(Path(c.data.out_dir) / "manifest.json", "make_color_set")
+    source = json.loads(manifest_path.read_text())["source"]
+    fallback = source == "fallback"
+    L.seed_everything(cfg.seed, workers=True)
+    data = ColorDataModule(c, c.batch_size, cfg.seed)
+    module = ImageToImageModule(OmegaConf.to_container(c.model, resolve=True), c.loss, c.lr, c.weight_decay)
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {"max_epochs": c.max_epochs})
+
+    with start_run(cfg, "colorize", manifest_path, dataset=c.data.dataset) as run:
+        mlflow.set_tag("color_source", source)
+        start = time.perf_counter()
+        module, history, best_val = fit_best(module, data, trainer_cfg, lightning_logger(cfg, run),
+                                             root / c.out_dir / "colorizer.ckpt")
+        train_seconds = time.perf_counter() - start
+        module = module.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+        l_in, ab = data.test_set.tensors
+        result = evaluate(module, l_in, ab, data.test_rgb)
+        metrics = {**result, "fallback": int(fallback), "test_images": len(l_in), "train_images": len(data.train_set),
+                   "psnr_gain_vs_gray": result["psnr"]["model"] - result["psnr"]["gray"],
+                   "ssim_gain_vs_gray": result["ssim"]["model"] - result["ssim"]["gray"],
+                   "best_val_loss": best_val, "epochs": len(history.rows), "train_seconds": round(train_seconds, 1),
+                   "mean_epoch_seconds": round(sum(r["epoch_seconds"] for r in history.rows) / len(history.rows), 2),
+                   "n_params": sum(t.numel() for t in module.parameters())}
+        label = "fallback photo patches" if fallback else c.data.dataset
+        log.info("colorize (%s) on %d test images: %s", label, len(l_in),
+                 {k: result[k] for k in ("psnr", "ssim", "ab_mae", "colorfulness")})
+
+        write_json(root / "reports/metrics/colorize.json", metrics)
+        write_csv(root / "reports/plots/colorize_loss.csv", history.rows)
+        mlflow.log_metrics({k: v for k, v in flatten(metrics).items() if k != "epochs"})
+
+        pick = torch.linspace(0, len(l_in) - 1, 12).long()  # spread over the test set (and its photographs)
+        x = l_in[pick]
+        grid = image_rows(root / "reports/figures/colorize_grid.png", {
+            "gray": to_rgb(x, torch.zeros_like(ab[pick])),
+            "predicted": to_rgb(x, module(x.to(module.device)).float().cpu()),
+            f"true ({label})": data.test_rgb[pick],
+        })
+        for path in (grid, root / c.out_dir / "colorizer.ckpt", root / "reports/plots/colorize_loss.csv"):
+            mlflow.log_artifact(str(path))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
