@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
-from aelab.data.catalog import DATASETS
+from aelab.data.catalog import image_set
+from aelab.data.noise import NOISE_KINDS, check_noise
 
 
 class ConfigError(ValueError):
@@ -35,8 +36,7 @@ class DataCfg(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+        image_set(name, channels=1)  # the autoencoder stages read the grayscale IDX sets
         return name
 
 
@@ -104,6 +104,32 @@ class PretrainCfg(_Section):
     penalty: PenaltyCfg
 
 
+class SearchCfg(_Section):
+    train_limit: PositiveInt
+    val_limit: PositiveInt
+    batch_size: PositiveInt
+    n_lr: int = Field(ge=2)
+    lr_min: PositiveFloat
+    lr_max: PositiveFloat
+    lr_batches: PositiveInt
+    n_momentum: int = Field(ge=2)
+    one_minus_momentum_min: float = Field(gt=0, lt=1)
+    one_minus_momentum_max: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ranges_increase(self) -> "SearchCfg":
+        if self.lr_min >= self.lr_max or self.one_minus_momentum_min >= self.one_minus_momentum_max:
+            raise ValueError("search ranges need min < max (lr_min/lr_max, one_minus_momentum_min/max)")
+        return self
+
+
+class RegularizationCfg(_Section):
+    train_limit: PositiveInt
+    max_epochs: PositiveInt
+    xgb_estimators: PositiveInt
+    variants: dict[str, list[str]] = Field(min_length=1)
+
+
 class FeaturesCfg(_Section):
     batch_size: PositiveInt
     out_dir: str
@@ -117,6 +143,230 @@ class DownstreamCfg(_Section):
     n_jobs: int
 
 
+class NetCfg(_Section):
+    target: str = Field(alias="_target_")
+    channels: list[PositiveInt] = Field(min_length=1)
+
+
+class DenoiseCfg(_Section):
+    model: NetCfg
+    noise: str
+    level: float
+    eval_noise: str
+    eval_levels: list[float] = Field(min_length=1)
+    filter_sizes: list[int] = Field(min_length=1)
+    loss: Literal["mse", "l1"]
+    lr: PositiveFloat
+    weight_decay: float = Field(ge=0)
+    batch_size: PositiveInt
+    max_epochs: PositiveInt
+    out_dir: str
+
+    @field_validator("model")
+    @classmethod
+    def _halves_28_evenly(cls, model: NetCfg) -> NetCfg:
+        if len(model.channels) > 2:
+            raise ValueError(f"28x28 images halve evenly at most twice: give 1 or 2 channels, got {model.channels}")
+        return model
+
+    @field_validator("noise", "eval_noise")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"unknown noise kind {kind!r}; known kinds: {', '.join(NOISE_KINDS)}")
+        return kind
+
+    @field_validator("level")
+    @classmethod
+    def _level_in_range(cls, level: float, info) -> float:
+        if "noise" in info.data:
+            check_noise(info.data["noise"], level)
+        return level
+
+    @field_validator("eval_levels")
+    @classmethod
+    def _eval_levels_in_range(cls, levels: list[float], info) -> list[float]:
+        for level in levels if "eval_noise" in info.data else []:
+            check_noise(info.data["eval_noise"], level)
+        return levels
+
+    @field_validator("filter_sizes")
+    @classmethod
+    def _odd_sizes(cls, sizes: list[int]) -> list[int]:
+        if any(size < 3 or size % 2 == 0 for size in sizes):
+            raise ValueError(f"filter sizes must be odd and at least 3, got {sizes}")
+        return sizes
+
+
+class ColorFallbackCfg(_Section):
+    photos: list[str]
+    test_photos: PositiveInt
+    patch_size: int = Field(ge=16, multiple_of=8)
+    patches_per_photo: PositiveInt
+    max_side: PositiveInt
+
+    @field_validator("test_photos")
+    @classmethod
+    def _leaves_training_photos(cls, test_photos: int, info) -> int:
+        n = len(info.data.get("photos", []))
+        if test_photos >= n:
+            raise ValueError(f"{test_photos} test photograph(s) out of {n} listed leaves none for training: "
+                             "list more photos or hold out fewer")
+        return test_photos
+
+
+class ColorDataCfg(_Section):
+    dataset: str
+    mirror: str | None = None
+    out_dir: str
+    fallback: ColorFallbackCfg | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _color_set(cls, name: str) -> str:
+        image_set(name, channels=3)
+        return name
+
+
+class ColorizeCfg(_Section):
+    data: ColorDataCfg
+    model: NetCfg
+    loss: Literal["mse", "l1"]
+    lr: PositiveFloat
+    weight_decay: float = Field(ge=0)
+    batch_size: PositiveInt
+    max_epochs: PositiveInt
+    val_fraction: float = Field(gt=0, lt=1)
+    train_limit: PositiveInt | None = None
+    num_workers: int = Field(ge=0)
+    out_dir: str
+
+
+def check_kl_codes(penalty: PenaltyCfg, model: ModelCfg, penalty_key: str, model_key: str) -> None:
+    """The KL sparsity penalty compares mean activations with a rate in (0, 1): it needs sigmoid codes."""
+    if penalty.sparsity_kl > 0 and model.code_activation != "sigmoid":
+        raise ValueError(f"{penalty_key}.sparsity_kl > 0 needs {model_key}.code_activation=sigmoid "
+                         f"(codes in (0, 1)), got {model.code_activation!r}")
+
+
+class TabularCfg(_Section):
+    source: Literal["breast_cancer", "csv"]
+    csv_path: str | None = None
+    target: str
+    folds: int = Field(ge=2)
+    model: ModelCfg
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    optim: OptimCfg
+    penalty: PenaltyCfg
+    xgb: DownstreamCfg
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TabularCfg":
+        if self.source == "csv" and not self.csv_path:
+            raise ValueError("tabular.source=csv needs tabular.csv_path (the table to read)")
+        if self.model.target != "aelab.models.autoencoders.DenseAutoencoder":
+            raise ValueError("tabular.model._target_ must be aelab.models.autoencoders.DenseAutoencoder "
+                             f"(a table has no image shape), got {self.model.target!r}")
+        check_kl_codes(self.penalty, self.model, "tabular.penalty", "tabular.model")
+        return self
+
+
+class SegmentGenerateCfg(_Section):
+    out_dir: str
+    height: int = Field(ge=28)
+    width: int = Field(ge=28)
+    min_items: int = Field(ge=0)
+    max_items: PositiveInt
+    threshold: int = Field(ge=0, le=254)
+    n_train: PositiveInt
+    n_val: PositiveInt
+    n_test: PositiveInt
+
+    @model_validator(mode="after")
+    def _item_range(self) -> "SegmentGenerateCfg":
+        if self.min_items > self.max_items:
+            raise ValueError(f"min_items ({self.min_items}) > max_items ({self.max_items})")
+        return self
+
+
+class SegNetCfg(_Section):
+    target: Literal["aelab.models.segnet.SegNet"] = Field(alias="_target_")
+    name: str
+    channels: list[PositiveInt] = Field(min_length=1)
+    convs: list[PositiveInt] = Field(min_length=1)
+    kernel_size: PositiveInt
+
+    @model_validator(mode="after")
+    def _one_entry_per_stage(self) -> "SegNetCfg":
+        if len(self.channels) != len(self.convs):
+            raise ValueError(f"channels {self.channels} and convs {self.convs} need one entry per stage")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same-size convs), got {self.kernel_size}")
+        return self
+
+
+class UnetCfg(_Section):
+    target: Literal["segmentation_models_pytorch.Unet"] = Field(alias="_target_")
+    name: str
+    encoder_name: str
+    encoder_weights: None = None  # pretrained weights come from a hub that cannot be reached here
+    encoder_depth: int = Field(ge=3, le=5)
+    decoder_channels: list[PositiveInt]
+
+    @model_validator(mode="after")
+    def _one_width_per_stage(self) -> "UnetCfg":
+        if len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(f"decoder_channels {self.decoder_channels} needs encoder_depth ({self.encoder_depth}) "
+                             "entries")
+        return self
+
+
+HeightWidth = list[PositiveInt] | None
+
+
+class _SegDataCfg(_Section):
+    root: str
+    size: HeightWidth = Field(default=None, min_length=2, max_length=2)
+    crop: HeightWidth = Field(default=None, min_length=2, max_length=2)
+    flip: bool
+
+
+class GeneratedSegDataCfg(_SegDataCfg):
+    kind: Literal["generated"]
+
+
+class FolderSegDataCfg(_SegDataCfg):
+    kind: Literal["folder"]
+    classes: list[str] = Field(min_length=1)
+    ignore_index: int | None = Field(default=None, ge=0)
+    channels: Literal[1, 3]
+
+
+class SegmentCfg(_Section):
+    generate: SegmentGenerateCfg
+    model: SegNetCfg | UnetCfg = Field(discriminator="target")
+    data: GeneratedSegDataCfg | FolderSegDataCfg = Field(discriminator="kind")
+    class_weights: Literal["median_frequency", "none"]
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    weight_decay: float = Field(ge=0)
+    max_epochs: PositiveInt
+    overlays: PositiveInt
+    out_dir: str
+
+    @model_validator(mode="after")
+    def _input_fits_the_model(self) -> "SegmentCfg":
+        data, gen = self.data, self.generate
+        if data.crop and data.size and (data.crop[0] > data.size[0] or data.crop[1] > data.size[1]):
+            raise ValueError(f"segment.data.crop {data.crop} is larger than segment.data.size {data.size}")
+        sides = data.crop or data.size or ([gen.height, gen.width] if data.kind == "generated" else None)
+        if isinstance(self.model, SegNetCfg) and sides and min(sides) < 2 ** len(self.model.channels):
+            raise ValueError(f"segment.model has {len(self.model.channels)} pooling stages: inputs need sides of at "
+                             f"least {2 ** len(self.model.channels)}, got {sides[0]}x{sides[1]}")
+        return self
+
+
 class Config(_Section):
     seed: int
     mlflow: MlflowCfg
@@ -124,14 +374,18 @@ class Config(_Section):
     model: ModelCfg
     trainer: TrainerCfg
     pretrain: PretrainCfg
+    search: SearchCfg
+    regularization: RegularizationCfg
     features: FeaturesCfg
     downstream: DownstreamCfg
+    denoise: DenoiseCfg
+    colorize: ColorizeCfg
+    tabular: TabularCfg
+    segment: SegmentCfg
 
     @model_validator(mode="after")
     def _kl_needs_unit_interval_codes(self) -> "Config":
-        if self.pretrain.penalty.sparsity_kl > 0 and self.model.code_activation != "sigmoid":
-            raise ValueError("pretrain.penalty.sparsity_kl > 0 needs model.code_activation=sigmoid "
-                             f"(codes in (0, 1)), got {self.model.code_activation!r}")
+        check_kl_codes(self.pretrain.penalty, self.model, "pretrain.penalty", "model")
         return self
 
 

@@ -27,6 +27,19 @@ def image_rows(path: Path | str, rows: dict[str, torch.Tensor]) -> Path:
     return save_figure(fig, path)
 
 
+def label_overlay(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int | None = None,
+                  alpha: float = 0.6) -> torch.Tensor:
+    """Images (N, 1 or 3, H, W) in [0, 1] with per-pixel class labels (N, H, W) blended in as colours (one per
+    class, tab20 or turbo); ignored pixels keep the image. Returns (N, 3, H, W) for ``image_rows``."""
+    palette = torch.tensor(plt.get_cmap("tab20" if num_classes <= 20 else "turbo", num_classes)(range(num_classes)),
+                           dtype=torch.float32)[:, :3]
+    images = images.detach().float().cpu().expand(-1, 3, -1, -1)
+    labels = labels.detach().cpu().long()
+    known = (labels >= 0) & (labels < num_classes) & (labels != (-1 if ignore_index is None else ignore_index))
+    colors = palette[labels.clamp(0, num_classes - 1)].permute(0, 3, 1, 2)
+    return torch.where(known[:, None], (1 - alpha) * images + alpha * colors, images)
+
+
 def confusion_matrix(path: Path | str, matrix: np.ndarray, classes: list[str], title: str) -> Path:
     """A row-normalised confusion matrix heat map with counts in the cells."""
     fig, ax = plt.subplots(figsize=(7, 6))
