@@ -35,6 +35,7 @@ def test_log_grid_spans_the_range_on_a_log_scale():
 def test_search_picks_the_known_minimum_and_counts_divergence(workdir):
     lrs = log_grid(1e-3, 100.0, 51)  # contains 1.0; lr > 2 diverges
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
+    mlflow.set_experiment("toy")  # not the experiment id an earlier test left active in another store
     with mlflow.start_run():
         result = run_search("toy", list(lrs), gradient_descent_loss, lrs, "learning rate", "loss", workdir)
     assert lrs[result["best_index"]] == pytest.approx(1.0)

@@ -87,7 +87,7 @@ def main(cfg: DictConfig) -> list[dict]:
             rows.append(row)
             histories.append(history)
             log.info("%s: %s", name, row)
-        baseline = rows[0]["best_val_loss"]  # the first variant is the reference
+        baseline = min(loss for _, loss in histories[0])  # the first variant's best epoch is the reference
         rows = compare(rows, histories, target=baseline)
         table = markdown_table(rows)
         with atomic_path(root / "reports/regularization.md") as tmp:
