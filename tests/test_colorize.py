@@ -11,6 +11,7 @@ import math
 import pickle
 import tarfile
 
+import hydra
 import mlflow
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from http_fixtures import ScriptedServer
 from PIL import Image
 from skimage.color import rgb2lab
 
-from aelab.config import ConfigError
+from aelab.config import ConfigError, validate
 from aelab.data.catalog import DATASETS
 from aelab.data.color import (FallbackError, lab_to_rgb, photo_patches, read_cifar, resolve_photo, rgb_to_lab,
                               to_model_space, to_rgb)
@@ -122,6 +123,14 @@ def test_a_model_predicting_no_chroma_scores_exactly_the_gray_baseline():
         assert result[metric]["model"] == pytest.approx(result[metric]["gray"])
     assert result["ab_mae"]["gray"] == pytest.approx(float(ab.abs().mean()) * 110)
     assert result["colorfulness"]["gray"] < 0.01 < result["colorfulness"]["true"]
+
+
+@pytest.mark.parametrize("group", ["default", "gpu"])
+def test_colorizer_configs_validate_and_map_luminance_to_chroma(group):
+    cfg = compose_cfg(f"colorize={group}")
+    validate(cfg)
+    out = hydra.utils.instantiate(cfg.colorize.model)(torch.rand(2, 1, 32, 32))
+    assert out.shape == (2, 2, 32, 32) and out.abs().max() < 1
 
 
 def test_cifar10_catalog_entry():

@@ -6,11 +6,12 @@ import json
 import math
 from types import SimpleNamespace
 
+import hydra
 import mlflow
 import pytest
 import torch
 
-from aelab.config import ConfigError
+from aelab.config import ConfigError, validate
 from aelab.data.noise import NoiseLevelError, NoisyImageDataModule, corrupt, gaussian_filter, median_filter
 from aelab.metrics import ImageQuality
 from aelab.models.denoise import DenoisingAutoencoder
@@ -97,8 +98,12 @@ def test_filter_sizes_are_picked_by_validation_psnr():
     assert denoise.pick_filter_sizes(noisy, clean, [3, 5], batch_size=16) == {"median": 5, "gaussian": 5}
 
 
-def test_denoiser_maps_images_to_images():
-    model = DenoisingAutoencoder([8, 16])
+@pytest.mark.parametrize("group", ["default", "gpu"])
+def test_denoiser_configs_validate_and_map_images_to_images(group):
+    cfg = compose_cfg(f"denoise={group}")
+    validate(cfg)
+    model = hydra.utils.instantiate(cfg.denoise.model)
+    assert isinstance(model, DenoisingAutoencoder)
     out = model(torch.rand(3, 1, 28, 28))
     assert out.shape == (3, 1, 28, 28) and 0 <= out.min() and out.max() <= 1
 

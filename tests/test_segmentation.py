@@ -64,19 +64,17 @@ def test_decoder_output_follows_where_the_maxima_were():
 @pytest.mark.parametrize("size", [(64, 84), (63, 85), (17, 33), (16, 16)])
 @pytest.mark.parametrize("stages", [1, 4])
 def test_segnet_output_is_as_large_as_its_input(size, stages):
-    model = SegNet(in_channels=3, classes=5, channels=[8] * stages, convs=[2] * stages).eval()
+    model = SegNet(in_channels=3, classes=5, channels=[4] * stages, convs=[2] * stages).eval()
     assert model(torch.rand(2, 3, *size)).shape == (2, 5, *size)
 
 
-@pytest.mark.parametrize("override", ["segment/model=segnet", "segment/model=segnet_basic", "segment/model=segnet_vgg16",
-                                      "segment/model=unet"])
-def test_configured_models_keep_the_odd_canvas_size(override):
-    cfg = compose_cfg(override, "segment.generate.height=33", "segment.generate.width=47")
+@pytest.mark.parametrize("model", ["segnet", "segnet_basic", "segnet_vgg16", "unet"])
+def test_configured_models_keep_the_odd_canvas_size(model):
+    cfg = compose_cfg(f"segment/model={model}", "segment.generate.height=33", "segment.generate.width=47")
     validate(cfg)
     module = SegmentationModule(OmegaConf.to_container(cfg.segment.model), 1, [str(i) for i in range(11)])
     assert module(torch.rand(1, 1, 33, 47)).shape == (1, 11, 33, 47)
-    expected = {"segnet": SegNet, "segnet_basic": SegNet, "segnet_vgg16": SegNet, "unet": smp.Unet}[cfg.segment.model.name]
-    assert isinstance(module.model, expected)
+    assert cfg.segment.model.name == model and isinstance(module.model, smp.Unet if model == "unet" else SegNet)
 
 
 def test_vgg16_preset_has_thirteen_encoder_convs():
@@ -133,6 +131,12 @@ def test_ignored_pixels_count_nowhere():
     summary, _ = _scores([[0, 1, 1, 1]], [[255, 0, 1, 1]], 2, ignore_index=255)
     assert summary["global_acc"] == pytest.approx(2 / 3)
     assert summary["miou"] == pytest.approx((0 + 2 / 3) / 2)
+
+
+def test_confusion_plot_rows_are_the_row_normalised_rates_in_percent():
+    rows = segment.confusion_rows(torch.tensor([[90, 10, 0], [0, 0, 0], [5, 15, 0]]), ["a", "b", "c"])
+    counts = {pair: rows.count(pair) for pair in set(rows)}
+    assert counts == {("a", "a"): 90, ("a", "b"): 10, ("c", "a"): 25, ("c", "b"): 75}  # b never occurs
 
 
 def test_median_frequency_weights_on_a_toy_label_set():
@@ -280,7 +284,7 @@ def _check_outputs(root, metrics, classes):
     history = (root / "reports/plots/segment_history.csv").read_text().splitlines()
     assert history[0] == "epoch,epoch_seconds,train_loss,val_loss,val_miou,val_global_acc,val_class_acc"
     confusion = (root / "reports/plots/segment_confusion.csv").read_text().splitlines()
-    assert confusion[0] == "actual,predicted" and len(confusion) > 1000
+    assert confusion[0] == "actual,predicted" and len(confusion) > 100
     iou = (root / "reports/plots/segment_iou.csv").read_text().splitlines()
     assert iou[0] == "class,iou" and len(iou) == len(classes) + 1
     for figure in ("segment_overlays", "segment_confusion"):
@@ -288,7 +292,7 @@ def _check_outputs(root, metrics, classes):
 
 
 def test_stages_run_on_tiny_generated_data(tiny_raw, smoke_overrides):
-    cfg = compose_cfg(*smoke_overrides, *TINY_SET, *TINY_SEGNET)
+    cfg = compose_cfg(*smoke_overrides, *TINY_SET, *TINY_SEGNET, "segment.class_weights=median_frequency")
     meta = make_segmentation_set.main(cfg)
     assert meta["counts"] == {"train": 20, "val": 6, "test": 10} and len(meta["classes"]) == 11
     with np.load(tiny_raw / "data/segmentation/test.npz") as f:
@@ -311,7 +315,8 @@ def test_stages_run_on_tiny_generated_data(tiny_raw, smoke_overrides):
 
 def test_unet_baseline_is_one_override_away(tiny_raw, smoke_overrides):
     cfg = compose_cfg(*smoke_overrides, *TINY_SET, "segment/model=unet", "segment.model.encoder_depth=3",
-                      "segment.model.decoder_channels=[16,8,8]", "segment.class_weights=none")
+                      "segment.model.decoder_channels=[16,8,8]", "segment.class_weights=none",
+                      "segment.max_epochs=1")
     meta = make_segmentation_set.main(cfg)
     metrics = segment.main(cfg)
     assert metrics["model"] == "unet" and metrics["class_weights"] == "none"
@@ -322,7 +327,8 @@ def test_segment_on_a_camvid_layout_folder(workdir, smoke_overrides):
     write_camvid(workdir / "camvid")
     cfg = compose_cfg(*smoke_overrides, *TINY_SEGNET, "segment/data=camvid", f"segment.data.root={workdir}/camvid",
                       f"segment.data.classes=[{','.join(CLASSES)}]", "segment.data.ignore_index=255",
-                      "segment.data.size=[16,24]", "segment.data.crop=[12,16]", "segment.overlays=2")
+                      "segment.data.size=[16,24]", "segment.data.crop=[12,16]", "segment.overlays=2",
+                      "segment.max_epochs=1")
     metrics = segment.main(cfg)
     _check_outputs(workdir, metrics, CLASSES)
 

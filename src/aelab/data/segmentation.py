@@ -35,8 +35,9 @@ class SegmentationDataError(ValueError):
 
 # --- the generated multi-object set -------------------------------------------------------------------------------
 
-def place_items(rng: np.random.Generator, n_items: int, height: int, width: int, tries: int = 50) -> list[tuple[int, int]]:
-    """Top-left corners of up to ``n_items`` pairwise disjoint ITEMxITEM boxes inside the canvas (rejection sampling)."""
+def place_items(rng: np.random.Generator, n_items: int, height: int, width: int,
+                tries: int = 50) -> list[tuple[int, int]]:
+    """Top-left corners of up to ``n_items`` pairwise disjoint ITEMxITEM boxes in the canvas (rejection sampling)."""
     boxes: list[tuple[int, int]] = []
     for _ in range(n_items):
         for _ in range(tries):
@@ -58,8 +59,9 @@ def make_canvases(images: np.ndarray, labels: np.ndarray, order: np.ndarray, n: 
     for i in range(n):
         boxes = place_items(rng, int(rng.integers(gen_cfg.min_items, gen_cfg.max_items + 1)), h, w)
         if used + len(boxes) > len(order):
-            raise SegmentationDataError(f"the split has {len(order)} items, too few for the configured canvases "
-                                        f"(segment.generate.n_* x items per canvas); lower the counts")
+            raise SegmentationDataError(f"{len(order)} items left in the split are too few for {n} canvases of up to "
+                                        f"{gen_cfg.max_items} items: lower segment.generate.n_train/n_val/n_test "
+                                        "(or raise data.train_limit/test_limit)")
         for j, (y, x) in enumerate(boxes):
             item = order[used]
             used += 1
@@ -246,7 +248,8 @@ def dataset_info(data_cfg) -> dict:
     if data_cfg.kind == "generated":
         meta = read_meta(data_cfg.root)
         return {"classes": meta["classes"], "ignore_index": None, "channels": 1,
-                "name": f"segmentation set from {meta['source']['dataset']}", "manifest": Path(data_cfg.root) / "meta.json"}
+                "name": f"segmentation set from {meta['source']['dataset']}",
+                "manifest": Path(data_cfg.root) / "meta.json"}
     return {"classes": list(data_cfg.classes), "ignore_index": data_cfg.ignore_index, "channels": data_cfg.channels,
             "name": f"folder {data_cfg.root}", "manifest": None}
 

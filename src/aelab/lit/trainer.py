@@ -56,15 +56,17 @@ class EpochHistory(Callback):
 
 
 def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_cfg, logger, ckpt: Path | str,
-             keys: tuple[str, ...] = ("train_loss", "val_loss")) -> tuple[L.LightningModule, EpochHistory, float]:
-    """Fit ``module``; keep the checkpoint with the lowest ``val_loss`` at ``ckpt`` (nothing else is left behind).
+             keys: tuple[str, ...] = ("train_loss", "val_loss"), monitor: str = "val_loss",
+             mode: str = "min") -> tuple[L.LightningModule, EpochHistory, float]:
+    """Fit ``module``; keep the checkpoint with the lowest ``val_loss`` (or the ``mode`` of ``monitor``) at ``ckpt``
+    (nothing else is left behind).
 
-    Returns that checkpoint reloaded (on the CPU), the per-epoch history of ``keys`` and the best ``val_loss``.
+    Returns that checkpoint reloaded (on the CPU), the per-epoch history of ``keys`` and the best monitored value.
     """
     ckpt = Path(ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ckpt.parent) as tmp:
-        best = ModelCheckpoint(dirpath=tmp, filename="best", monitor="val_loss", mode="min", save_top_k=1)
+        best = ModelCheckpoint(dirpath=tmp, filename="best", monitor=monitor, mode=mode, save_top_k=1)
         history = EpochHistory(keys)
         build_trainer(trainer_cfg, logger, [best, history]).fit(module, datamodule=datamodule)
         os.replace(best.best_model_path, ckpt)

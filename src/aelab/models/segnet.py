@@ -35,10 +35,10 @@ class SegNet(nn.Module):
         if len(channels) != len(convs):
             raise ValueError(f"channels {list(channels)} and convs {list(convs)} need one entry per stage")
         self.name = name
-        self.encoders = nn.ModuleList(
-            conv_block(c_in, c_out, n, kernel_size) for c_in, c_out, n in zip([in_channels, *channels], channels, convs))
-        self.decoders = nn.ModuleList(
-            conv_block(c_in, c_out, n, kernel_size) for c_in, c_out, n in zip(channels, [channels[0], *channels], convs))
+        self.encoders = nn.ModuleList(conv_block(c_in, c_out, n, kernel_size)
+                                      for c_in, c_out, n in zip([in_channels, *channels], channels, convs))
+        self.decoders = nn.ModuleList(conv_block(c_in, c_out, n, kernel_size)  # stage i back to stage i-1's width
+                                      for c_in, c_out, n in zip(channels, [channels[0], *channels], convs))
         self.pool = nn.MaxPool2d(2, return_indices=True)
         self.unpool = nn.MaxUnpool2d(2)
         self.classifier = nn.Conv2d(channels[0], classes, 1)

@@ -118,8 +118,9 @@ def main(cfg: DictConfig) -> dict:
         write_json(root / "reports/metrics/denoise.json", metrics)
         write_csv(root / "reports/plots/denoise_loss.csv", history.rows)
         write_csv(root / "reports/plots/denoise_robustness.csv",
-                  [{"level": level, **{f"{m}_{name}": r[m][name] for m in ("psnr", "ssim") for name in r[m]}}
-                   for level, r in zip(p.eval_levels, robustness.values())])
+                  [{"level": level, **{f"{m}_{name}": value for m in ("psnr", "ssim")
+                                       for name, value in results[(kind, level)][m].items()}}
+                   for kind, level in settings[1:]])
         mlflow.log_metrics({k: v for k, v in flatten(metrics).items() if k != "epochs"})
 
         noisy, clean = (t[:12] for t in data.fixed_noise("test"))

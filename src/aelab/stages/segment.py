@@ -1,13 +1,14 @@
 """Stage segment: train the configured segmenter (SegNet, or the smp U-Net baseline) on ``segment.data``.
 
 Measures the SegNet paper's global pixel accuracy (G), class-average accuracy (C) and mean/per-class IoU on val
-every epoch and on test at the end, with the cross-entropy optionally weighted by median-frequency balancing.
+every epoch and on test at the end (with the checkpoint of the best validation mIoU), the cross-entropy optionally
+weighted by median-frequency balancing.
 
 Outputs: ``<segment.out_dir>/segmenter.ckpt``, ``reports/metrics/segment.json``, ``reports/plots/segment_history.csv``,
 ``reports/plots/segment_iou.csv`` (per-class IoU), ``reports/plots/segment_confusion.csv`` (test confusion for
-DVC's confusion template: 1000 rows per true class, split in proportion to the predicted pixels, so it shows the
-row-normalised rates without one row per pixel), ``reports/figures/segment_{overlays,confusion}.png``; one MLflow
-run with all of them.
+DVC's confusion templates: 100 rows per true class, split in proportion to the predicted pixels, so it shows the
+row-normalised rates in percent without one row per pixel), ``reports/figures/segment_{overlays,confusion}.png``;
+one MLflow run with all of them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 HISTORY_KEYS = ("train_loss", "val_loss", "val_miou", "val_global_acc", "val_class_acc")
 
 
-def confusion_rows(matrix: torch.Tensor, classes: list[str], per_class: int = 1000) -> list[tuple[str, str]]:
+def confusion_rows(matrix: torch.Tensor, classes: list[str], per_class: int = 100) -> list[tuple[str, str]]:
     """(actual, predicted) rows: ``per_class`` for each true class present, split as its pixels were predicted."""
     rows = []
     for i, row in enumerate(matrix.double()):
@@ -76,15 +77,16 @@ def main(cfg: DictConfig) -> dict:
     with start_run(cfg, "segment", data.info["manifest"], dataset=data.info["name"]) as run:
         logger = lightning_logger(cfg, run)
         start = time.perf_counter()
-        module, history, best_val = fit_best(module, data, trainer_cfg, logger, ckpt, keys=HISTORY_KEYS)
+        module, history, best_val_miou = fit_best(module, data, trainer_cfg, logger, ckpt, keys=HISTORY_KEYS,
+                                                  monitor="val_miou", mode="max")
         train_seconds = time.perf_counter() - start
         test = build_trainer(trainer_cfg, logger, []).test(module, datamodule=data, verbose=False)[0]
         iou = {name: None if math.isnan(v) else v for name, v in zip(classes, module.test_iou.tolist())}
         rows = history.rows
-        best = min(rows, key=lambda row: row["val_loss"])
+        best = max(rows, key=lambda row: row["val_miou"])
         metrics = {"model": p.model.name, "test_global_acc": test["test_global_acc"],
                    "test_class_acc": test["test_class_acc"], "test_miou": test["test_miou"], "test_iou": iou,
-                   "best_epoch": best["epoch"], "best_val_loss": best_val, "best_val_miou": best["val_miou"],
+                   "best_epoch": best["epoch"], "best_val_miou": best_val_miou, "best_val_loss": best["val_loss"],
                    "epochs": len(rows), "train_seconds": round(train_seconds, 1),
                    "mean_epoch_seconds": round(sum(r["epoch_seconds"] for r in rows) / len(rows), 2),
                    "n_params": sum(t.numel() for t in module.parameters()), "class_weights": p.class_weights}
