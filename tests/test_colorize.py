@@ -23,7 +23,7 @@ from skimage.color import rgb2lab
 from aelab.config import ConfigError, validate
 from aelab.data.catalog import DATASETS
 from aelab.data.color import (FallbackError, lab_to_rgb, photo_patches, read_cifar, resolve_photo, rgb_to_lab,
-                              to_model_space, to_rgb)
+                              split_by_photo, to_model_space, to_rgb)
 from aelab.data.download import DownloadError, download_dataset
 from aelab.lit.image2image import ImageToImageModule
 from aelab.metrics import colorfulness
@@ -182,16 +182,28 @@ def test_make_color_set_uses_cifar10_from_a_user_mirror(workdir, smoke_overrides
 
 def test_fallback_patches_are_seeded_and_split_by_photograph(tmp_path):
     photos = write_photos(tmp_path / "photos")
-    train, test, info = photo_patches(photos, 1, 16, 25, 64, seed=3)
+    train, train_photo, test, info = photo_patches(photos, 1, 16, 25, 64, seed=3)
     assert train.shape == (75, 16, 16, 3) and test.shape == (25, 16, 16, 3)
+    ids, counts = np.unique(train_photo, return_counts=True)
+    assert counts.tolist() == [25, 25, 25] and photos[({0, 1, 2, 3} - set(ids.tolist())).pop()] in info
     (held_out,) = [ref for ref, entry in info.items() if entry["split"] == "test"]
     hue_of = lambda patches: patches.reshape(len(patches), -1, 3).mean(axis=1).argmax(axis=1)  # noqa: E731
     held_out_hue = np.array(Image.open(held_out)).reshape(-1, 3).mean(axis=0).argmax()
     assert set(hue_of(test)) == {held_out_hue}
     assert (hue_of(train) == held_out_hue).sum() <= 25  # only the one other photo of the same dominant channel
     again = photo_patches(photos, 1, 16, 25, 64, seed=3)
-    assert np.array_equal(again[0], train) and np.array_equal(again[1], test)
+    assert np.array_equal(again[0], train) and np.array_equal(again[2], test)
     assert info[held_out]["sha256"] == hashlib.sha256(open(held_out, "rb").read()).hexdigest()
+
+
+def test_validation_holds_out_whole_photographs():
+    photo = np.repeat([4, 0, 7, 2, 9], 3)
+    train, val = split_by_photo(photo, 0.2, seed=0)
+    assert len(set(photo[val])) == 1 and not set(photo[val]) & set(photo[train])
+    assert sorted([*train, *val]) == list(range(15))
+    assert len(set(photo[split_by_photo(photo, 0.9, seed=0)[0]])) == 1  # always one photo left to train on
+    with pytest.raises(FallbackError, match="1 training photograph"):
+        split_by_photo(np.zeros(5, int), 0.2, seed=0)
 
 
 def test_fallback_errors_are_clear(tmp_path):
@@ -208,7 +220,7 @@ def test_fallback_errors_are_clear(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["colorize.data.fallback.photos=[a.png]"], r"colorize\.data\.fallback\.test_photos: .*leaves none for training"),
+    (["colorize.data.fallback.photos=[a.png,b.png]"], r"colorize\.data\.fallback\.test_photos: .*fewer than two"),
     (["colorize.data.dataset=fashion_mnist"], r"colorize\.data\.dataset: .*1-channel images but 3-channel"),
     (["colorize.data.fallback.patch_size=20"], r"colorize\.data\.fallback\.patch_size"),
 ])

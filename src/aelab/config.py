@@ -209,9 +209,9 @@ class ColorFallbackCfg(_Section):
     @classmethod
     def _leaves_training_photos(cls, test_photos: int, info) -> int:
         n = len(info.data.get("photos", []))
-        if test_photos >= n:
-            raise ValueError(f"{test_photos} test photograph(s) out of {n} listed leaves none for training: "
-                             "list more photos or hold out fewer")
+        if test_photos > n - 2:
+            raise ValueError(f"{test_photos} test photograph(s) out of {n} listed leaves fewer than two for training "
+                             "and validation (both hold whole photos): list more photos or hold out fewer")
         return test_photos
 
 

@@ -96,11 +96,12 @@ def resolve_photo(ref: str) -> Path:
 
 
 def photo_patches(photos: list[str], test_photos: int, patch_size: int, patches_per_photo: int, max_side: int,
-                  seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Random ``patch_size`` crops of each photograph (shrunk to at most ``max_side`` per side), split by photo.
 
     A seeded permutation of ``photos`` holds out the first ``test_photos`` whole for the test set. Returns the
-    train and test patches, uint8 (N, patch_size, patch_size, 3), and a description of every photograph used.
+    train patches, the index in ``photos`` each train patch was cut from, the test patches (patches: uint8
+    (N, patch_size, patch_size, 3)) and a description of every photograph used.
     """
     if test_photos >= len(photos):
         raise FallbackError(f"{len(photos)} fallback photograph(s) cannot be split into train and test by photo "
@@ -108,6 +109,7 @@ def photo_patches(photos: list[str], test_photos: int, patch_size: int, patches_
     rng = np.random.default_rng(seed)
     test = set(rng.permutation(len(photos))[:test_photos].tolist())
     splits: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    train_photo = []
     info = {}
     for i, ref in enumerate(photos):
         path = resolve_photo(ref)
@@ -124,22 +126,40 @@ def photo_patches(photos: list[str], test_photos: int, patch_size: int, patches_
         xs = rng.integers(0, w - patch_size + 1, patches_per_photo)
         split = "test" if i in test else "train"
         splits[split].append(np.stack([pixels[y:y + patch_size, x:x + patch_size] for y, x in zip(ys, xs)]))
+        if split == "train":
+            train_photo.append(np.full(patches_per_photo, i))
         info[ref] = {"split": split, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                      "size": [w, h], "patches": patches_per_photo}
-    return np.concatenate(splits["train"]), np.concatenate(splits["test"]), info
+    return np.concatenate(splits["train"]), np.concatenate(train_photo), np.concatenate(splits["test"]), info
+
+
+def split_by_photo(photo: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices holding out whole photographs: ``val_fraction`` of them, at least one."""
+    ids = np.unique(photo)
+    if len(ids) < 2:
+        raise FallbackError(f"{len(ids)} training photograph(s) cannot be split into train and validation by photo: "
+                            "list more photos in colorize.data.fallback.photos")
+    n_val = min(len(ids) - 1, max(1, int(round(len(ids) * val_fraction))))
+    val = np.isin(photo, np.random.default_rng(seed).permutation(ids)[:n_val])
+    return np.flatnonzero(~val), np.flatnonzero(val)
 
 
 class ColorDataModule(ImageDataModule):
     """(L, ab) batches in model space from ``<colorize.data.out_dir>/images.npz``.
 
-    Train/val: a seeded split of the first ``train_limit`` training images; test: the test images, whose
+    Train/val: a seeded split of the first ``train_limit`` training images (for the photograph fallback, by
+    photograph, so validation measures colors of unseen photos as the test does); test: the test images, whose
     original RGB is kept as ``test_rgb`` for scoring.
     """
 
     def setup(self, stage: str | None = None) -> None:
         with np.load(require(Path(self.data_cfg.data.out_dir) / "images.npz", "make_color_set")) as f:
             train, test = f["train"][:self.data_cfg.train_limit], f["test"]
-        train_idx, val_idx = split_indices(len(train), self.data_cfg.val_fraction, self.seed)
+            photo = f["train_photo"][:self.data_cfg.train_limit] if "train_photo" in f.files else None
+        if photo is None:
+            train_idx, val_idx = split_indices(len(train), self.data_cfg.val_fraction, self.seed)
+        else:
+            train_idx, val_idx = split_by_photo(photo, self.data_cfg.val_fraction, self.seed)
         l_in, ab = to_model_space(train)
         self.train_set = TensorDataset(l_in[train_idx], ab[train_idx])
         self.val_set = TensorDataset(l_in[val_idx], ab[val_idx])

@@ -6,7 +6,8 @@ is set, the offline fallback is used instead: random crops, with a fixed seed, o
 installed packages ship, split into train and test by photograph so that no test patch shares a photo with
 training. ``manifest.json`` records which source was used and why.
 
-Outputs: ``<out_dir>/images.npz`` (``train``, ``test``: uint8 N x H x W x 3), ``<out_dir>/manifest.json``, and
+Outputs: ``<out_dir>/images.npz`` (``train``, ``test``: uint8 N x H x W x 3; for the fallback also ``train_photo``,
+the photograph of each training patch, so validation can hold out whole photos), ``<out_dir>/manifest.json``, and
 for CIFAR-10 the verified tarball in ``<out_dir>/cifar10/``.
 """
 
@@ -40,6 +41,7 @@ def main(cfg: DictConfig) -> dict:
         download = download_dataset(spec, out / spec.name, d.mirror)
         archive = spec.files[0]
         train, test = read_cifar(out / spec.name / archive.name, archive.members)
+        arrays = {"train": train, "test": test}
         manifest = {"dataset": spec.name, "source": spec.name, "download": download}
     except DownloadError as exc:
         if d.fallback is None:
@@ -47,13 +49,14 @@ def main(cfg: DictConfig) -> dict:
                                 "colorize.data.fallback is null, so there is no offline fallback") from exc
         log.warning("%s unavailable, using the offline fallback (photograph patches): %s", spec.name, exc)
         fb = OmegaConf.to_container(d.fallback, resolve=True)
-        train, test, photos = photo_patches(fb["photos"], fb["test_photos"], fb["patch_size"],
-                                            fb["patches_per_photo"], fb["max_side"], cfg.seed)
+        train, train_photo, test, photos = photo_patches(fb["photos"], fb["test_photos"], fb["patch_size"],
+                                                         fb["patches_per_photo"], fb["max_side"], cfg.seed)
+        arrays = {"train": train, "train_photo": train_photo, "test": test}
         manifest = {"dataset": spec.name, "source": "fallback", "reason": str(exc),
                     "fallback": {**{k: v for k, v in fb.items() if k != "photos"}, "seed": cfg.seed, "photos": photos}}
     manifest.update(train=list(train.shape), test=list(test.shape))
     with atomic_path(out / "images.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, train=train, test=test)
+        np.savez(f, **arrays)
     write_json(out / "manifest.json", manifest)
     log.info("color set from %s: %d train, %d test images of %s", manifest["source"], len(train), len(test),
              train.shape[1:])
