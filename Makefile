@@ -14,14 +14,21 @@ $(BIN)/dvc: pyproject.toml
 	touch $@
 
 FASHION := /usr/share/datasets/fashion-mnist
+CHROMIUM := /usr/bin/chromium
 
-setup: $(BIN)/dvc $(FASHION)  ## create .venv, install the project (torch is the big one: ~10 min on a fresh machine)
+setup: $(BIN)/dvc $(FASHION) $(CHROMIUM)  ## create .venv, install the project (torch is the big one: ~10 min on a fresh machine)
 
 # The offline Fashion-MNIST copy (Debian package); without it the download stage needs the network or a mirror.
 $(FASHION):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
 	else echo "note: no $(FASHION): run 'sudo apt-get install dataset-fashion-mnist', or set AELAB_MIRROR"; fi
+
+# Headless Chromium (Debian package) for the browser tests of the report and the MLflow UI; they skip without it.
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "note: no $(CHROMIUM): run 'sudo apt-get install chromium chromium-driver' for the browser tests"; fi
 
 repro: setup  ## run the pipeline on the default config
 	dvc repro

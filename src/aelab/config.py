@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
-from aelab.data.catalog import image_set
+from aelab.data.catalog import get_spec, image_set
 from aelab.data.noise import NOISE_KINDS, check_noise
 
 
@@ -367,6 +367,26 @@ class SegmentCfg(_Section):
         return self
 
 
+def anomaly_classes(classes: list[int | str] | None, dataset: str) -> list[int]:
+    """The indices of ``classes`` (indices or names of ``dataset``'s classes; None: all), in order, once each."""
+    names = get_spec(dataset).classes
+    if classes is None:
+        return list(range(len(names)))
+    unknown = [c for c in classes if c not in names and c not in range(len(names))]
+    if unknown:
+        raise ValueError(f"anomaly.classes: {unknown} not among {dataset}'s classes (0-{len(names) - 1} or "
+                         f"{', '.join(names)})")
+    return list(dict.fromkeys(names.index(c) if isinstance(c, str) else c for c in classes))
+
+
+class AnomalyCfg(_Section):
+    protocol: Literal["one_out", "one_in"]
+    classes: list[StrictInt | str] | None = Field(default=None, min_length=1)
+    train_limit: PositiveInt | None = None
+    max_epochs: PositiveInt
+    iforest_estimators: PositiveInt
+
+
 class Config(_Section):
     seed: int
     mlflow: MlflowCfg
@@ -382,11 +402,19 @@ class Config(_Section):
     colorize: ColorizeCfg
     tabular: TabularCfg
     segment: SegmentCfg
+    anomaly: AnomalyCfg
 
     @model_validator(mode="after")
     def _kl_needs_unit_interval_codes(self) -> "Config":
         check_kl_codes(self.pretrain.penalty, self.model, "pretrain.penalty", "model")
         return self
+
+    @field_validator("anomaly")
+    @classmethod
+    def _anomaly_classes_in_data(cls, anomaly: AnomalyCfg, info) -> AnomalyCfg:
+        if "data" in info.data:
+            anomaly_classes(anomaly.classes, info.data["data"].name)
+        return anomaly
 
 
 def validate(cfg: DictConfig) -> None:

@@ -64,3 +64,22 @@ def save_figure(fig, path: Path | str) -> Path:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def roc_panels(path: Path | str, fpr: np.ndarray, curves: dict[str, dict[str, np.ndarray]],
+               aucs: dict[str, dict[str, float]]) -> Path:
+    """Small multiples, one panel per entry of ``curves`` ({panel: {method: TPR at ``fpr``}}); ``aucs`` in legends."""
+    cols = min(len(curves), 5)
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax, (panel, by_method) in zip(axes.flat, curves.items()):
+        ax.plot([0, 1], [0, 1], ":", color="gray", lw=0.8)
+        for method, tpr in by_method.items():
+            ax.plot(fpr, tpr, label=f"{method} {aucs[panel][method]:.3f}")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right", title="ROC-AUC", title_fontsize=7)
+    for ax in axes.flat[len(curves):]:
+        ax.set_axis_off()
+    fig.supxlabel("false positive rate")
+    fig.supylabel("true positive rate")
+    return save_figure(fig, path)

@@ -1,7 +1,9 @@
 """Stage features: encode train and test with the trained encoder; PCA with as many components as the baseline.
 
 Outputs: ``data/features/{ae,pca}.npz`` (train, test, y_train, y_test), ``reports/metrics/features.json`` (test
-reconstruction MSE of AE and PCA side by side), ``reports/figures/features_recon.png`` (original / AE / PCA).
+reconstruction MSE of AE and PCA side by side), ``reports/figures/features_recon.png`` (original / AE / PCA),
+``reports/figures/latent_map.png`` (2-D maps of a fixed-seed test subsample coloured by class: PCA-2 and t-SNE of the
+AE codes next to PCA-2 of the pixels).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 
+from aelab import figures
 from aelab.config import validate
+from aelab.data.catalog import get_spec
 from aelab.data.images import load_split, raw_dir, split_indices, to_tensor
 from aelab.figures import image_rows
 from aelab.lit.autoencoder import AutoencoderModule, encode
@@ -24,6 +29,8 @@ from aelab.stages import CONF_DIR, output_root
 from aelab.tracking import start_run
 
 log = logging.getLogger(__name__)
+
+LATENT_MAP_SAMPLES = 2000  # test images in the latent map (t-SNE of 2,000 points: a few seconds on two cores)
 
 
 def save_features(path, train: np.ndarray, test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray) -> None:
@@ -70,7 +77,35 @@ def main(cfg: DictConfig) -> dict:
         fig = image_rows(root / "reports/figures/features_recon.png",
                          {"original": x, f"AE-{k}": module(x), f"PCA-{k}": pca_images})
         mlflow.log_artifact(str(fig))
+        # the first two PCA components of the pixels are PCA-2 of the pixels
+        fig = latent_map(root / "reports/figures/latent_map.png", ae_test, pca_test[:, :2], y_test,
+                         list(get_spec(cfg.data.name).classes), cfg.seed)
+        mlflow.log_artifact(str(fig))
     return metrics
+
+
+def latent_map(path, codes: np.ndarray, pixels_pca2: np.ndarray, labels: np.ndarray, classes: list[str],
+               seed: int, n: int = LATENT_MAP_SAMPLES):
+    """Three scatter plots of the same fixed-seed subsample, coloured by class: PCA-2 and t-SNE of the AE
+    codes, PCA-2 of the pixels."""
+    idx = np.random.default_rng(seed).permutation(len(codes))[:n]
+    codes, labels = codes[idx], labels[idx]
+    perplexity = min(30.0, (len(idx) - 1) / 3)  # t-SNE needs perplexity < n_samples
+    maps = {f"AE-{codes.shape[1]} codes, PCA-2": PCA(n_components=2, random_state=seed).fit_transform(codes),
+            f"AE-{codes.shape[1]} codes, t-SNE": TSNE(n_components=2, perplexity=perplexity, init="pca",
+                                                      random_state=seed).fit_transform(codes),
+            "pixels, PCA-2": pixels_pca2[idx]}
+    fig, axes = figures.plt.subplots(1, 3, figsize=(16, 5.4))
+    cmap = figures.plt.get_cmap("tab10", len(classes))
+    for ax, (title, xy) in zip(axes, maps.items()):
+        for c, name in enumerate(classes):
+            mask = labels == c
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=4, color=cmap(c), label=name)
+        ax.set_title(f"{title} ({len(idx)} test images)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=3, frameon=False)
+    return figures.save_figure(fig, path)
 
 
 if __name__ == "__main__":

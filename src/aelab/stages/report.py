@@ -1,0 +1,429 @@
+"""Stage report: one static, self-contained HTML page (``reports/index.html``) of what the pipeline wrote.
+
+The page is a list of :class:`Section` specs: a title, the DVC stage that makes the section's input files, the
+files, and a render function. A section whose files are all missing still appears, marked "not run", with the
+command that makes them (``dvc repro <stage>``); a single missing file of a section that ran is named in place.
+Images are embedded as base64 data URIs, curves in ``reports/plots/*.csv`` are drawn here with matplotlib and the
+``reports/*.md`` tables become HTML tables, so the file can be mailed or opened anywhere. Adding a stage to the
+report is one more entry in ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from aelab.config import validate
+from aelab.data.images import raw_dir
+from aelab.figures import plt
+from aelab.paths import atomic_path
+from aelab.stages import CONF_DIR, output_root
+from aelab.stages.report_template import PAGE
+from aelab.tracking import git_commit, start_run
+
+log = logging.getLogger(__name__)
+
+OUT = "reports/index.html"
+
+
+# ---------------------------------------------------------------------------------------------------- HTML helpers
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def fmt(value) -> str:
+    """Numbers to 4 significant digits, everything else as text."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return esc(value)
+
+
+def table(header: list[str], rows: list[list], numeric=None) -> str:
+    """An HTML table; the ``numeric`` columns (indices; default: all but the first) are right-aligned."""
+    numeric = range(1, len(header)) if numeric is None else numeric
+    align = lambda i: ' class="num"' if i in numeric else ""  # noqa: E731
+    head = "".join(f"<th{align(i)}>{esc(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td{align(i)}>{fmt(v)}</td>" for i, v in enumerate(row)) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def scalars(data: dict, keys: list[str] | None = None) -> str:
+    """A two-column table of the scalar entries of a metrics dict (``keys`` in that order, or all)."""
+    keys = keys or [k for k, v in data.items() if not isinstance(v, dict | list)]
+    return table(["metric", "value"], [[k, data[k]] for k in keys if k in data])
+
+
+def _inline(text: str) -> str:
+    text = esc(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+def markdown_html(text: str) -> str:
+    """The Markdown the stages write: GitHub tables, paragraphs, headings, bullet lists, inline code and bold."""
+    if not text.strip():
+        return ""
+    out = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        lines = block.strip().splitlines()
+        if len(lines) >= 2 and all(line.lstrip().startswith("|") for line in lines):
+            out.append(_markdown_table(lines))
+        elif lines[0].startswith("#"):
+            out.append(f"<h4>{_inline(lines[0].lstrip('#').strip())}</h4>" + markdown_html("\n".join(lines[1:])))
+        elif all(line.lstrip().startswith(("- ", "* ")) for line in lines):
+            out.append("<ul>" + "".join(f"<li>{_inline(line.lstrip()[2:])}</li>" for line in lines) + "</ul>")
+        else:
+            out.append(f"<p>{_inline(' '.join(lines))}</p>")
+    return "\n".join(block for block in out if block)
+
+
+def _markdown_table(lines: list[str]) -> str:
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    header, rule, rows = cells(lines[0]), cells(lines[1]), [cells(line) for line in lines[2:]]
+    if not all(re.fullmatch(r":?-+:?", c) for c in rule):  # no separator row: every line is a body row
+        rule, rows = ["---"] * len(header), [cells(line) for line in lines[1:]]
+    align = ['' if not c.endswith(":") else ' class="num"' if not c.startswith(":") else ' class="center"'
+             for c in rule] + [""] * len(header)
+    head = "".join(f"<th{a}>{_inline(h)}</th>" for h, a in zip(header, align))
+    body = "".join("<tr>" + "".join(f"<td{a}>{_inline(c)}</td>" for c, a in zip(row, align)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def figure(src: str, caption: str) -> str:
+    return f'<figure><img src="{src}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>'
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+@dataclass
+class Inputs:
+    """One section's input files by name; each reader returns a "missing" note instead of failing."""
+
+    cfg: DictConfig
+    stage: str
+    paths: dict[str, Path]
+
+    def exists(self, name: str) -> bool:
+        return self.paths[name].is_file()
+
+    def missing(self, name: str) -> str:
+        return (f'<p class="missing">missing <code>{esc(self.paths[name])}</code>: '
+                f"<code>dvc repro {esc(self.stage)}</code> makes it</p>")
+
+    def json(self, name: str) -> dict | None:
+        return json.loads(self.paths[name].read_text()) if self.exists(name) else None
+
+    def image(self, name: str, caption: str) -> str:
+        if not self.exists(name):
+            return self.missing(name)
+        return figure(png_uri(self.paths[name].read_bytes()), caption)
+
+    def markdown(self, name: str) -> str:
+        return markdown_html(self.paths[name].read_text()) if self.exists(name) else self.missing(name)
+
+    def chart(self, name: str, x: str, ys: list[str] | None = None, title: str = "", ylabel: str = "") -> str:
+        """A line chart of columns ``ys`` (default: all but ``x``) of a CSV against ``x``, drawn with matplotlib."""
+        if not self.exists(name):
+            return self.missing(name)
+        with open(self.paths[name], newline="") as f:
+            rows = list(csv.DictReader(f))
+        ys = ys or [c for c in (rows[0] if rows else {}) if c != x]
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for y in ys:
+            points = [(float(r[x]), float(r[y])) for r in rows if r.get(y) not in ("", None)]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 40 else None, label=y)
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(ys) > 1:
+            ax.legend(fontsize=8)
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        return figure(png_uri(buf.getvalue()), title or f"{self.paths[name]}")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the report: ``inputs`` (name -> path, ``{raw}`` = the data set's raw folder) are made by
+    ``stage``; ``render`` turns them into HTML; ``headline`` (optional) is the one-line result in the overview."""
+
+    title: str
+    stage: str
+    inputs: dict[str, str]
+    render: Callable[[Inputs], str]
+    intro: str = ""
+    headline: Callable[[Inputs], str] | None = None
+
+    @property
+    def slug(self) -> str:
+        """The section's HTML id."""
+        return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
+
+
+def _data(inp: Inputs) -> str:
+    m = inp.json("manifest")
+    rows = [[name, f.get("bytes", ""), "×".join(map(str, f.get("shape", []))), f.get("source", ""),
+             f.get("decoded_sha256", ""), f.get("sha256", "")] for name, f in m.get("files", {}).items()]
+    return (f"<p>Data set <strong>{esc(m.get('dataset', inp.cfg.data.name))}</strong>, {len(rows)} files.</p>"
+            + table(["file", "bytes", "shape", "source", "sha256 of the decoded payload", "sha256 of the file"],
+                    rows, numeric=(1, 2)))
+
+
+def _pretrain(inp: Inputs) -> str:
+    m = inp.json("metrics")
+    return ((scalars(m, ["epochs", "best_epoch", "best_val_loss", "test_loss", "test_mse", "n_params"]) if m
+             else inp.missing("metrics"))
+            + inp.image("grid", "test images and their reconstructions")
+            + inp.chart("loss", "epoch", ["train_loss", "val_loss"], "training and validation loss per epoch"))
+
+
+def _latent(inp: Inputs) -> str:
+    return inp.image("map", "test images in 2-D, coloured by class: PCA-2 and t-SNE of the autoencoder codes, "
+                            "PCA-2 of the pixels")
+
+
+def _features(inp: Inputs) -> str:
+    m = inp.json("metrics")
+    if not m:
+        return inp.missing("metrics") + inp.image("grid", "original / AE / PCA reconstructions")
+    k = m.get("code_dim", "k")
+    return (table(["features", "test reconstruction MSE (per pixel)"],
+                  [[f"autoencoder, {k}-d code", m["ae_test_mse"]], [f"PCA, {k} components", m["pca_test_mse"]]])
+            + f"<p>PCA-{k} explains {m.get('pca_explained_variance', float('nan')):.1%} of the pixel variance.</p>"
+            + inp.image("grid", f"test images, AE-{k} and PCA-{k} reconstructions"))
+
+
+def _downstream(inp: Inputs) -> str:
+    return inp.markdown("table") + inp.image("confusion", "XGBoost on the AE codes: test confusion matrix")
+
+
+def _regularization(inp: Inputs) -> str:
+    return inp.markdown("table") + inp.chart("val_loss", "epoch", title="validation loss per epoch, one line per "
+                                             "variant", ylabel="validation loss")
+
+
+def _searches(inp: Inputs) -> str:
+    out = []
+    for name, keys in (("lr", ["best_lr", "best_loss", "n_candidates", "n_batches", "optimizer"]),
+                       ("momentum", ["best_momentum", "best_one_minus_momentum", "best_loss", "lr", "n_candidates"])):
+        m = inp.json(f"{name}_metrics")
+        out.append(scalars(m, keys) if m else inp.missing(f"{name}_metrics"))
+        out.append(inp.image(f"{name}_figure", f"{name} search: validation loss per candidate"))
+    return "".join(out)
+
+
+def _tabular(inp: Inputs) -> str:
+    return inp.markdown("table")
+
+
+def _by_method(m: dict, metrics: dict[str, str], methods: list[str]) -> str:
+    """Rows = methods, columns = ``metrics`` (key -> heading), from {metric: {method: value}}; "" where absent."""
+    return table(["method", *metrics.values()],
+                 [[meth, *(m.get(k, {}).get(meth, "") for k in metrics)] for meth in methods])
+
+
+def _denoise(inp: Inputs) -> str:
+    m = inp.json("metrics")
+    methods = ["model", "noisy", "median", "gaussian"]
+    return ((_by_method(m, {"psnr": "PSNR (dB)", "ssim": "SSIM"}, methods) if m else inp.missing("metrics"))
+            + inp.image("grid", "clean / noisy / denoised test images")
+            + inp.chart("robustness", "level", ["psnr_model", "psnr_noisy", "psnr_median", "psnr_gaussian"],
+                        f"test PSNR by {inp.cfg.denoise.eval_noise} level", ylabel="PSNR (dB)"))
+
+
+def _colorize(inp: Inputs) -> str:
+    m = inp.json("metrics")
+    if not m:
+        return inp.missing("metrics") + inp.image("grid", "gray input / colorized / true colours")
+    note = ("<p>The colour data set was unreachable: trained and scored on photograph patches instead.</p>"
+            if m.get("fallback") else "")
+    return (_by_method(m, {"psnr": "PSNR (dB)", "ssim": "SSIM", "ab_mae": "ab MAE (Lab)",
+                           "colorfulness": "colorfulness"}, ["model", "gray", "true"]) + note
+            + inp.image("grid", "gray input / colorized / true colours"))
+
+
+def _segment(inp: Inputs) -> str:
+    m = inp.json("metrics")
+    if m:
+        head = table(["model", "global accuracy G", "class-average accuracy C", "mIoU", "best val mIoU", "epochs"],
+                     [[m.get("model", ""), m.get("test_global_acc", ""), m.get("test_class_acc", ""),
+                       m.get("test_miou", ""), m.get("best_val_miou", ""), m.get("epochs", "")]])
+        iou = sorted(m.get("test_iou", {}).items(), key=lambda kv: -kv[1])
+        head += "<h4>Test IoU per class</h4>" + table(["class", "IoU"], [list(kv) for kv in iou])
+    else:
+        head = inp.missing("metrics")
+    return (head + inp.image("overlays", "test images with predicted classes overlaid")
+            + inp.image("confusion", "test pixel confusion matrix (row-normalised)"))
+
+
+def _anomaly(inp: Inputs) -> str:
+    return inp.markdown("table") + inp.image("roc", "test ROC curves per class: AE, PCA and Isolation Forest scores")
+
+
+def _config(inp: Inputs) -> str:
+    yaml = OmegaConf.to_yaml(inp.cfg, resolve=True)
+    return (f"<p>Git commit <code>{esc(git_commit())}</code> (<code>-dirty</code>: tracked files had changes). "
+            "To reproduce: check that commit out and run <code>dvc repro</code> (<code>dvc pull</code> first if a "
+            "DVC remote holds the outputs). The composed configuration every stage read (<code>params.yaml</code>, "
+            "from <code>conf/</code>):</p>"
+            f"<pre>{esc(yaml)}</pre>")
+
+
+def metric_line(template: str, name: str = "metrics") -> Callable[[Inputs], str]:
+    """A headline: ``template`` formatted with the section's metrics dict as ``m``; empty if it lacks a key."""
+    def headline(inp: Inputs) -> str:
+        try:
+            return template.format(m=inp.json(name))
+        except (KeyError, TypeError, ValueError, IndexError):
+            return ""
+    return headline
+
+
+SECTIONS: list[Section] = [
+    Section("Data", "download", {"manifest": "{raw}/manifest.json"}, _data,
+            "Where each file came from and its checksums; the download stage verified the decoded payload."),
+    Section("Autoencoder pretraining", "pretrain",
+            {"metrics": "reports/metrics/pretrain.json", "grid": "reports/figures/pretrain_recon.png",
+             "loss": "reports/plots/pretrain_loss.csv"}, _pretrain,
+            "The configured autoencoder trained on the training split; the best validation epoch is kept.",
+            metric_line("test MSE {m[test_mse]:.4g} after {m[epochs]} epochs")),
+    Section("Latent space", "features", {"map": "reports/figures/latent_map.png"}, _latent,
+            "How the classes lie in the autoencoder's code space compared with the pixels' principal components."),
+    Section("Autoencoder vs PCA", "features",
+            {"metrics": "reports/metrics/features.json", "grid": "reports/figures/features_recon.png"}, _features,
+            "Reconstruction error of the autoencoder and of PCA with as many components, on the test set.",
+            metric_line("test MSE: AE {m[ae_test_mse]:.4g} vs PCA {m[pca_test_mse]:.4g}")),
+    Section("XGBoost on pixels, PCA and AE codes", "downstream",
+            {"table": "reports/downstream.md", "metrics": "reports/metrics/downstream.json",
+             "confusion": "reports/figures/confusion_ae.png"}, _downstream,
+            "The same gradient-boosted classifier trained on raw pixels, on PCA components and on the AE codes.",
+            metric_line("test accuracy: raw {m[raw][accuracy]:.4f}, PCA {m[pca][accuracy]:.4f}, "
+                        "AE {m[ae][accuracy]:.4f}")),
+    Section("Regularization", "regularization",
+            {"table": "reports/regularization.md", "val_loss": "reports/plots/regularization_val_loss.csv"},
+            _regularization, "The lecture's regularizers side by side on one small training set."),
+    Section("Learning-rate and momentum search", "momentum_search",
+            {"lr_metrics": "reports/metrics/lr_search.json", "lr_figure": "reports/figures/lr_search.png",
+             "momentum_metrics": "reports/metrics/momentum_search.json",
+             "momentum_figure": "reports/figures/momentum_search.png"}, _searches,
+            "The lecture's recipe: many learning rates, a few mini-batches each; then 1 - momentum at the best rate.",
+            metric_line("momentum {m[best_momentum]:.4g} at lr {m[lr]:.3g}", "momentum_metrics")),
+    Section("Tabular data: sparse over-complete codes", "tabular",
+            {"table": "reports/tabular.md", "metrics": "reports/metrics/tabular.json"}, _tabular,
+            "A sparse over-complete autoencoder on a table, its codes fed to XGBoost, stratified cross-validation.",
+            metric_line("ROC-AUC: raw {m[raw][roc_auc_mean]:.4f}, codes {m[codes][roc_auc_mean]:.4f}")),
+    Section("Denoising", "denoise",
+            {"metrics": "reports/metrics/denoise.json", "grid": "reports/figures/denoise_grid.png",
+             "robustness": "reports/plots/denoise_robustness.csv"}, _denoise,
+            "A convolutional denoising autoencoder against the noisy input and median/Gaussian filters (test set).",
+            metric_line("test PSNR {m[psnr][model]:.2f} dB (noisy input {m[psnr][noisy]:.2f} dB)")),
+    Section("Colorization", "colorize",
+            {"metrics": "reports/metrics/colorize.json", "grid": "reports/figures/colorize_grid.png"}, _colorize,
+            "A U-Net predicts colour (Lab ab) from luminance; compared with the gray image.",
+            metric_line("test PSNR {m[psnr][model]:.2f} dB (gray {m[psnr][gray]:.2f} dB)")),
+    Section("Segmentation", "segment",
+            {"metrics": "reports/metrics/segment.json", "overlays": "reports/figures/segment_overlays.png",
+             "confusion": "reports/figures/segment_confusion.png"}, _segment,
+            "A SegNet-style encoder-decoder labels every pixel; SegNet's G / C / mIoU on the test set.",
+            metric_line("test G {m[test_global_acc]:.3f}, C {m[test_class_acc]:.3f}, mIoU {m[test_miou]:.3f}")),
+    Section("Anomaly detection", "anomaly",
+            {"metrics": "reports/metrics/anomaly.json", "table": "reports/anomaly.md",
+             "roc": "reports/figures/anomaly_roc.png"}, _anomaly,
+            "Reconstruction error as an anomaly score, against PCA reconstruction error and an Isolation Forest.",
+            metric_line("mean ROC-AUC: AE {m[mean][ae][roc_auc]:.3f}, PCA {m[mean][pca][roc_auc]:.3f}, "
+                        "Isolation Forest {m[mean][iforest][roc_auc]:.3f}")),
+    Section("Configuration", "", {}, _config, "What produced these results."),
+]
+
+
+def input_paths(cfg: DictConfig) -> list[Path]:
+    """Every file the report reads (the report stage's deps in dvc.yaml)."""
+    return [Path(p.format(raw=raw_dir(cfg.data))) for s in SECTIONS for p in s.inputs.values()]
+
+
+def render_section(section: Section, cfg: DictConfig, root: Path) -> tuple[str, str, str]:
+    """(status, headline, HTML) of one section: status is ``ran``, ``incomplete``, ``not run`` or ``error``."""
+    inp = Inputs(cfg, section.stage, {k: root / p.format(raw=raw_dir(cfg.data)) for k, p in section.inputs.items()})
+    found = [name for name in section.inputs if inp.exists(name)]
+    if section.inputs and not found:
+        status, headline = "not run", ""
+        body = (f'<p class="notrun">Not run: none of its inputs exist yet. '
+                f"<code>dvc repro {esc(section.stage)}</code> produces them:</p><ul>"
+                + "".join(f"<li><code>{esc(p)}</code></li>" for p in inp.paths.values()) + "</ul>")
+    else:
+        status = "ran" if len(found) == len(section.inputs) else "incomplete"
+        headline = section.headline(inp) if section.headline else ""
+        try:
+            body = section.render(inp)
+        except Exception as err:  # noqa: BLE001 - one unreadable file must not cost the whole report
+            log.exception("section %r failed to render", section.title)
+            status, body = "error", f'<p class="missing">could not render this section: {esc(repr(err))}</p>'
+    stage = f' <span class="stage">stage <code>{esc(section.stage)}</code></span>' if section.stage else ""
+    html_ = (f'<section id="{section.slug}" class="{status.replace(" ", "-")}"><h2>{esc(section.title)}{stage} '
+             f'<span class="status">{status}</span></h2><p class="intro">{esc(section.intro)}</p>{body}</section>')
+    return status, headline, html_
+
+
+def build(cfg: DictConfig, root: Path = Path(".")) -> tuple[str, dict[str, str]]:
+    """The report page and each section's status."""
+    parts, overview, statuses = [], [], {}
+    for section in SECTIONS:
+        status, headline, part = render_section(section, cfg, root)
+        statuses[section.title] = status
+        overview.append(f'<tr class="{status.replace(" ", "-")}">'
+                        f'<td><a href="#{section.slug}">{esc(section.title)}</a></td>'
+                        f"<td><code>{esc(section.stage or '-')}</code></td><td>{status}</td>"
+                        f"<td>{esc(headline)}</td></tr>")
+        parts.append(part)
+    ran = sum(s != "not run" for s in statuses.values())
+    page = PAGE.substitute(
+        title=f"aelab report: {esc(cfg.data.name)}",
+        meta=(f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from commit <code>{esc(git_commit())}</code>"
+              f" on data set <strong>{esc(cfg.data.name)}</strong>, model <strong>{esc(cfg.model.name)}</strong>; "
+              f"{ran} of {len(SECTIONS)} sections have results."),
+        overview="".join(overview), sections="\n".join(parts))
+    return page, statuses
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, str]:
+    validate(cfg)
+    out = output_root() / OUT
+    page, statuses = build(cfg)
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    manifest = raw_dir(cfg.data) / "manifest.json"
+    with start_run(cfg, "report", manifest if manifest.is_file() else None):
+        mlflow.log_artifact(str(out))
+        mlflow.log_metrics({"report_sections_run": sum(s != "not run" for s in statuses.values()),
+                            "report_sections_not_run": sum(s == "not run" for s in statuses.values())})
+    for title, status in statuses.items():
+        log.info("%-45s %s", title, status)
+    print(f"wrote {out}")
+    return statuses
+
+
+if __name__ == "__main__":
+    main()

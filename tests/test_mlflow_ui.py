@@ -1,0 +1,139 @@
+"""The MLflow UI in a real browser: a smoke pipeline into a temporary sqlite store, ``mlflow server`` on a free
+loopback port, headless Chromium (Playwright driving the Debian /usr/bin/chromium) on the experiments, runs and run
+pages. Screenshots go to ``$AELAB_TEST_ARTIFACTS`` (default tests/artifacts/). The browser helpers here are shared
+with tests/test_report.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import pytest
+from playwright.sync_api import sync_playwright
+
+from aelab.stages import downstream, features, pretrain
+from conftest import compose_cfg
+
+CHROMIUM = Path("/usr/bin/chromium")
+# without the background-networking flags Chromium keeps calling Google services, which the closed network refuses
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-proxy-server"]
+SERVER_START_S = 180  # a cold `mlflow server` takes ~25 s on a busy 2-core machine
+
+
+def artifact_path(name: str) -> Path:
+    """Where a test keeps a file for people to look at (screenshots): ``$AELAB_TEST_ARTIFACTS`` or tests/artifacts/."""
+    folder = Path(os.environ.get("AELAB_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (the Debian package; Playwright's own browser download is never used)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Chromium (`apt-get install chromium`; `make setup` does that "
+                    "as root)")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(store_uri: str, cwd: Path):
+    """``mlflow server`` on a free loopback port against ``store_uri``; yields its URL, always stops it (the whole
+    process group: the server starts workers)."""
+    port = free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow"), "server", "--backend-store-uri",
+           store_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job consumers
+    log_path = cwd / "mlflow_server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            assert proc.poll() is None, f"mlflow server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
+            try:
+                if no_proxy.open(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no /health after {SERVER_START_S} s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_mlflow_ui_shows_the_pipeline_runs_and_metrics(tiny_raw, smoke_overrides, browser):
+    cfg = compose_cfg(*smoke_overrides)
+    pretrain.main(cfg)
+    features.main(cfg)
+    downstream.main(cfg)
+    assert (tiny_raw / "reports/figures/latent_map.png").stat().st_size > 1000  # the features stage's latent map
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = {r.data.tags["stage"]: r for r in mlflow.search_runs([experiment.experiment_id], output_format="list")}
+    assert set(runs) == {"pretrain", "features", "downstream"}
+
+    with mlflow_server(os.environ["MLFLOW_TRACKING_URI"], tiny_raw) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(90_000)
+        shots = []
+
+        page.goto(f"{url}/#/experiments")
+        page.get_by_role("link", name=cfg.mlflow.experiment, exact=True).wait_for()
+        shots.append(artifact_path("mlflow_ui_experiments.png"))
+        page.screenshot(path=shots[-1])
+
+        page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs")
+        for stage in runs:  # each run is named after its stage
+            page.get_by_text(stage, exact=True).first.wait_for()
+        shots.append(artifact_path("mlflow_ui_runs.png"))
+        page.screenshot(path=shots[-1])
+
+        run = runs["downstream"]
+        page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+        row = page.get_by_role("row").filter(has_text="ae_accuracy").first
+        row.wait_for()
+        name, value, *_ = row.inner_text().split()  # then the models that logged it
+        assert name == "ae_accuracy"
+        assert float(value) == pytest.approx(run.data.metrics["ae_accuracy"], abs=1e-3)
+        row.scroll_into_view_if_needed()
+        shots.append(artifact_path("mlflow_ui_run.png"))
+        page.screenshot(path=shots[-1])
+        page.close()
+    print("MLflow UI screenshots:", *shots, sep="\n  ")
