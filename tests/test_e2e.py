@@ -64,14 +64,17 @@ def test_dvc_repro_smoke_then_only_changed_stages_rerun(repo):
     manifest = json.loads((path / "data/raw/fashion_mnist/manifest.json").read_text())
     assert manifest["files"]["train-images-idx3-ubyte.gz"]["source"] == str(FASHION / "train-images-idx3-ubyte.gz")
     assert "up to date" in run(["dvc", "status"], path, env)
+    page = (path / "reports/index.html").read_text()
+    assert '<section id=' in page and 'class="status">ran<' in page
+    assert not any(f'class="status">{status}<' in page for status in ("not run", "incomplete", "error"))
 
     # A downstream-only change, through DVC's Hydra composition: the autoencoder is not retrained.
     out = run(["dvc", "exp", "run", "-S", "profile=smoke", "-S", "downstream.max_depth=2"], path, env)
-    assert [s for s in stages if f"Running stage '{s}'" in out] == ["downstream"]
+    assert [s for s in stages if f"Running stage '{s}'" in out] == ["downstream", "report"]
     assert "max_depth: 2" in (path / "params.yaml").read_text()
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["aelab"], output_format="list")
     tracked = [run.data.tags["stage"] for run in runs if "mlflow.parentRunId" not in run.data.tags]
-    assert sorted(tracked) == sorted(stages + ["downstream"])  # one run per stage, plus the experiment's rerun
+    assert sorted(tracked) == sorted(stages + ["downstream", "report"])  # one run per stage, plus the exp's reruns
     assert all(run.info.status == "FINISHED" for run in runs)

@@ -16,6 +16,7 @@ import logging
 import tempfile
 
 import hydra
+import lightning as L
 import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -50,7 +51,10 @@ def variant_configs(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def train_variant(name: str, vcfg: DictConfig, workdir: str) -> tuple[dict, list[tuple[int, float]]]:
-    """Train one variant in a child run; return its row of the table and its (step, val loss) history."""
+    """Train one variant in a child run; return its row of the table and its (step, val loss) history.
+
+    Every variant starts from the same seed: same initial weights where the architecture allows, same batches."""
+    L.seed_everything(vcfg.seed, workers=True)
     with mlflow.start_run(run_name=name, nested=True, tags={"stage": "regularization", "variant": name}) as run:
         mlflow.log_params({"variant": name, "overrides": " ".join(vcfg.regularization.variants[name]) or "(none)"})
         data = ImageDataModule(vcfg.data, vcfg.pretrain.batch_size, vcfg.seed)
