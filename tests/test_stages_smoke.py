@@ -22,6 +22,9 @@ def test_spine_runs_end_to_end_on_tiny_data(tiny_raw, smoke_overrides, model):
 
     metrics = pretrain.main(cfg)
     assert math.isfinite(metrics["test_mse"]) and 0 < metrics["test_mse"] < 1
+    assert metrics["epochs"] == 1 and metrics["mean_epoch_seconds"] > 0
+    assert metrics["train_seconds"] >= round(metrics["mean_epoch_seconds"], 1)  # the fit holds its epoch
+    assert metrics["n_params"] > 0
     ckpt = tiny_raw / "models/pretrain/ae.ckpt"
     assert AutoencoderModule.load_from_checkpoint(ckpt).hparams.model_cfg["name"] == model
     assert list(ckpt.parent.iterdir()) == [ckpt]  # no temporary checkpoint folders left behind

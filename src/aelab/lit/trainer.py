@@ -38,12 +38,20 @@ def build_trainer(trainer_cfg, logger, callbacks: list[Callback]) -> L.Trainer:
 
 
 class EpochHistory(Callback):
-    """Collects ``keys`` from the logged metrics and the epoch's wall time at the end of each training epoch."""
+    """Collects ``keys`` from the logged metrics and the epoch's wall time at the end of each training epoch, and
+    the wall time of the whole fit."""
 
     def __init__(self, keys: tuple[str, ...] = ("train_loss", "val_loss", "val_mse")):
         self.keys = keys
         self.rows: list[dict[str, float]] = []
-        self._start = 0.0
+        self.fit_seconds = 0.0
+        self._start = self._fit_start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_seconds = time.perf_counter() - self._fit_start
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -54,6 +62,12 @@ class EpochHistory(Callback):
         row.update({k: round(float(metrics[k]), 6) for k in self.keys if k in metrics})
         self.rows.append(row)
 
+    def summary(self, module: L.LightningModule) -> dict:
+        """Epochs, training wall time, mean epoch time and ``module``'s parameter count, for a stage's metrics."""
+        return {"epochs": len(self.rows), "train_seconds": round(self.fit_seconds, 1),
+                "mean_epoch_seconds": round(sum(r["epoch_seconds"] for r in self.rows) / len(self.rows), 2),
+                "n_params": sum(t.numel() for t in module.parameters())}
+
 
 def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_cfg, logger, ckpt: Path | str,
              keys: tuple[str, ...] = ("train_loss", "val_loss"), monitor: str = "val_loss",
@@ -61,7 +75,8 @@ def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, train
     """Fit ``module``; keep the checkpoint with the lowest ``val_loss`` (or the ``mode`` of ``monitor``) at ``ckpt``
     (nothing else is left behind).
 
-    Returns that checkpoint reloaded (on the CPU), the per-epoch history of ``keys`` and the best monitored value.
+    Returns that checkpoint reloaded in eval mode (on the GPU if there is one), the per-epoch history of ``keys``
+    and the best monitored value.
     """
     ckpt = Path(ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -70,4 +85,6 @@ def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, train
         history = EpochHistory(keys)
         build_trainer(trainer_cfg, logger, [best, history]).fit(module, datamodule=datamodule)
         os.replace(best.best_model_path, ckpt)
-    return type(module).load_from_checkpoint(ckpt, map_location="cpu"), history, float(best.best_model_score)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return (type(module).load_from_checkpoint(ckpt, map_location=device).eval(), history,
+            float(best.best_model_score))

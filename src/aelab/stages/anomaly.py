@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 
 import hydra
 import lightning as L
@@ -85,11 +84,9 @@ def run_class(cfg: DictConfig, name: str, train: np.ndarray, x_test: np.ndarray,
                                                batch_size=cfg.pretrain.batch_size, num_workers=cfg.data.num_workers)
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"max_epochs": cfg.anomaly.max_epochs})
     with mlflow.start_run(run_name=name, nested=True, tags={"stage": "anomaly", "anomaly_class": name}) as run:
-        start = time.perf_counter()
-        module, _, _ = fit_best(autoencoder_module(cfg), data, trainer_cfg, lightning_logger(cfg, run),
-                                f"{workdir}/ae.ckpt")
-        seconds = time.perf_counter() - start
-        module = module.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        module, history, _ = fit_best(autoencoder_module(cfg), data, trainer_cfg, lightning_logger(cfg, run),
+                                      f"{workdir}/ae.ckpt")
+        seconds = history.fit_seconds
         pixels, test = flat(train[fit_idx]), flat(x_test)
         pca = PCA(cfg.model.code_dim, random_state=cfg.seed).fit(pixels)
         forest = IsolationForest(n_estimators=cfg.anomaly.iforest_estimators, random_state=cfg.seed).fit(pixels)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import hydra
@@ -71,20 +70,15 @@ def main(cfg: DictConfig) -> dict:
 
     with start_run(cfg, "colorize", manifest_path, dataset=c.data.dataset) as run:
         mlflow.set_tag("color_source", source)
-        start = time.perf_counter()
         module, history, best_val = fit_best(module, data, trainer_cfg, lightning_logger(cfg, run),
                                              root / c.out_dir / "colorizer.ckpt")
-        train_seconds = time.perf_counter() - start
-        module = module.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
         l_in, ab = data.test_set.tensors
         result = evaluate(module, l_in, ab, data.test_rgb)
         metrics = {**result, "fallback": int(fallback), "test_images": len(l_in), "train_images": len(data.train_set),
                    "psnr_gain_vs_gray": result["psnr"]["model"] - result["psnr"]["gray"],
                    "ssim_gain_vs_gray": result["ssim"]["model"] - result["ssim"]["gray"],
-                   "best_val_loss": best_val, "epochs": len(history.rows), "train_seconds": round(train_seconds, 1),
-                   "mean_epoch_seconds": round(sum(r["epoch_seconds"] for r in history.rows) / len(history.rows), 2),
-                   "n_params": sum(t.numel() for t in module.parameters())}
+                   "best_val_loss": best_val, **history.summary(module)}
         label = "fallback photo patches" if fallback else c.data.dataset
         log.info("colorize (%s) on %d test images: %s", label, len(l_in),
                  {k: result[k] for k in ("psnr", "ssim", "ab_mae", "colorfulness")})

@@ -93,22 +93,15 @@ def main(cfg: DictConfig) -> dict:
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"max_epochs": p.max_epochs})
 
     with start_run(cfg, "denoise", manifest) as run:
-        start = time.perf_counter()
         module, history, best_val = fit_best(module, data, trainer_cfg, lightning_logger(cfg, run),
                                              root / p.out_dir / "denoiser.ckpt")
-        train_seconds = time.perf_counter() - start
-        module = module.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-
         start = time.perf_counter()
         settings = [(p.noise, p.level), *((p.eval_noise, level) for level in p.eval_levels)]
         results = {setting: evaluate(module, data, *setting, cfg) for setting in dict.fromkeys(settings)}  # once each
         headline = results[(p.noise, p.level)]
         robustness = {f"{kind}_{level:g}": results[(kind, level)] for kind, level in settings[1:]}
         metrics = {**headline, **gains(headline), "robustness": robustness, "best_val_loss": best_val,
-                   "epochs": len(history.rows), "train_seconds": round(train_seconds, 1),
-                   "eval_seconds": round(time.perf_counter() - start, 1),
-                   "mean_epoch_seconds": round(sum(r["epoch_seconds"] for r in history.rows) / len(history.rows), 2),
-                   "n_params": sum(t.numel() for t in module.parameters())}
+                   **history.summary(module), "eval_seconds": round(time.perf_counter() - start, 1)}
         log.info("denoise %s %g on test: PSNR %s, SSIM %s; model beats the noisy input by %.2f dB and the best "
                  "filter by %.2f dB", p.noise, p.level, headline["psnr"], headline["ssim"],
                  metrics["psnr_gain_vs_noisy"], metrics["psnr_gain_vs_best_filter"])

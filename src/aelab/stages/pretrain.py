@@ -42,9 +42,7 @@ def main(cfg: DictConfig) -> dict:
         test = build_trainer(cfg.trainer, logger, []).test(module, datamodule=data, verbose=False)[0]
         rows = history.rows
         metrics = {"best_epoch": min(rows, key=lambda row: row["val_loss"])["epoch"], "best_val_loss": best_val,
-                   "test_loss": test["test_loss"], "test_mse": test["test_mse"], "epochs": len(rows),
-                   "mean_epoch_seconds": round(sum(r["epoch_seconds"] for r in rows) / len(rows), 3),
-                   "n_params": sum(p.numel() for p in module.parameters())}
+                   "test_loss": test["test_loss"], "test_mse": test["test_mse"], **history.summary(module)}
         mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epochs"})
         log.info("pretrain %s: %s", cfg.model.name, metrics)
 

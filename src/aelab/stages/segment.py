@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
 
 import hydra
 import lightning as L
@@ -76,10 +75,8 @@ def main(cfg: DictConfig) -> dict:
 
     with start_run(cfg, "segment", data.info["manifest"], dataset=data.info["name"]) as run:
         logger = lightning_logger(cfg, run)
-        start = time.perf_counter()
         module, history, best_val_miou = fit_best(module, data, trainer_cfg, logger, ckpt, keys=HISTORY_KEYS,
                                                   monitor="val_miou", mode="max")
-        train_seconds = time.perf_counter() - start
         test = build_trainer(trainer_cfg, logger, []).test(module, datamodule=data, verbose=False)[0]
         iou = {name: None if math.isnan(v) else v for name, v in zip(classes, module.test_iou.tolist())}
         rows = history.rows
@@ -87,11 +84,9 @@ def main(cfg: DictConfig) -> dict:
         metrics = {"model": p.model.name, "test_global_acc": test["test_global_acc"],
                    "test_class_acc": test["test_class_acc"], "test_miou": test["test_miou"], "test_iou": iou,
                    "best_epoch": best["epoch"], "best_val_miou": best_val_miou, "best_val_loss": best["val_loss"],
-                   "epochs": len(rows), "train_seconds": round(train_seconds, 1),
-                   "mean_epoch_seconds": round(sum(r["epoch_seconds"] for r in rows) / len(rows), 2),
-                   "n_params": sum(t.numel() for t in module.parameters()), "class_weights": p.class_weights}
+                   **history.summary(module), "class_weights": p.class_weights}
         log.info("segment %s on test: G %.4f, C %.4f, mIoU %.4f in %.0f s of training", p.model.name,
-                 metrics["test_global_acc"], metrics["test_class_acc"], metrics["test_miou"], train_seconds)
+                 metrics["test_global_acc"], metrics["test_class_acc"], metrics["test_miou"], metrics["train_seconds"])
 
         confusion = module.test_confusion.compute().cpu()
         write_json(root / "reports/metrics/segment.json", metrics)
