@@ -12,6 +12,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
+def train_device(trainer_cfg) -> torch.device:
+    """The device a Trainer built from ``trainer_cfg`` trains on: the GPU when there is one and the config allows
+    it, the CPU otherwise (for the stages and helpers that run their own loops or inference)."""
+    on_cuda = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if on_cuda else "cpu")
+
+
 def resolve_precision(trainer_cfg) -> str:
     """``auto`` means bf16-mixed when training on CUDA, 32-true otherwise."""
     if trainer_cfg.precision != "auto":
