@@ -3,6 +3,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from http_fixtures import ScriptedServer, tiny_archives, tiny_arrays, tiny_payloads, tiny_spec
 
+from aelab.data import download
 from aelab.data.catalog import DATASETS, UnknownDatasetError, get_spec
 from aelab.data.download import DownloadError, download_dataset, manifest_hash
 from aelab.data.idx import encode_idx, read_idx
@@ -229,6 +231,37 @@ def test_cached_rerun_makes_no_requests_and_repairs_bad_files(server, tmp_path):
     third = download_dataset(spec, tmp_path, **FAST)
     assert third["files"][IMAGES]["source"] == f"{base}/{IMAGES}"
     assert len(server.requests) == n_requests + 1
+    assert_tiny_dataset(tmp_path)
+
+
+def test_cached_rerun_decodes_only_what_the_manifest_does_not_vouch_for(server, tmp_path, monkeypatch):
+    base = serve_all(server)
+    spec = tiny_spec([base])
+    first = download_dataset(spec, tmp_path, **FAST)
+    decoded = []
+    decompress = download.decompress
+    monkeypatch.setattr(download, "decompress", lambda raw, source: decoded.append(source) or decompress(raw, source))
+
+    second = download_dataset(spec, tmp_path, **FAST)
+    assert decoded == []  # each stored file is byte for byte the one the manifest recorded
+    assert second["files"] == {name: {**entry, "source": "cached"} for name, entry in first["files"].items()}
+
+    stored = tmp_path / IMAGES
+    before = stored.stat()
+    body = bytearray(stored.read_bytes())
+    body[len(body) // 2] ^= 0xFF  # one byte changed; same size and mtime
+    stored.write_bytes(bytes(body))
+    os.utime(stored, ns=(before.st_atime_ns, before.st_mtime_ns))
+    n_requests = len(server.requests)
+    third = download_dataset(spec, tmp_path, **FAST)
+    assert decoded[0] == str(stored) and third["files"][IMAGES]["source"] == f"{base}/{IMAGES}"
+    assert len(server.requests) == n_requests + 1
+    assert_tiny_dataset(tmp_path)
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["files"][IMAGES]["decoded_sha256"] = "0" * 64  # a manifest vouching for other content is not believed
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert download_dataset(spec, tmp_path, **FAST)["files"][IMAGES]["source"] == f"{base}/{IMAGES}"
     assert_tiny_dataset(tmp_path)
 
 

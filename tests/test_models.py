@@ -72,7 +72,7 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass_through():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_training_step_in_bf16():
     cfg = compose_cfg("model=conv")
-    assert resolve_precision(cfg.trainer) == "bf16-mixed"
+    assert resolve_precision(cfg.trainer) == "bf16-mixed"  # a module without a measured cuda_precision
     module = AutoencoderModule(OmegaConf.to_container(cfg.model)).cuda()
     x = torch.rand(8, 1, 28, 28, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -13,7 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
                       field_validator, model_validator)
 
 from aelab.data.catalog import get_spec, image_set
-from aelab.data.noise import NOISE_KINDS, check_noise
+from aelab.data.noise_kinds import NOISE_KINDS, check_noise
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,12 @@ class ModelCfg(_Section):
     code_activation: Literal["relu", "sigmoid", "linear"]
 
 
+class FastCfg(_Section):
+    cuda_graph: bool | Literal["auto"]
+    fused_optimizer: bool | Literal["auto"]
+    channels_last: bool | Literal["auto"]
+
+
 class TrainerCfg(_Section):
     max_epochs: PositiveInt
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"]
@@ -64,6 +70,7 @@ class TrainerCfg(_Section):
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"]
     limit_train_batches: PositiveFloat | PositiveInt
     enable_progress_bar: bool
+    fast: FastCfg
 
 
 class MlflowCfg(_Section):
@@ -115,6 +122,8 @@ class SearchCfg(_Section):
     n_momentum: int = Field(ge=2)
     one_minus_momentum_min: float = Field(gt=0, lt=1)
     one_minus_momentum_max: float = Field(gt=0, lt=1)
+    vectorize: Literal["auto", True, False]
+    chunk: PositiveInt
 
     @model_validator(mode="after")
     def _ranges_increase(self) -> "SearchCfg":
@@ -123,10 +132,14 @@ class SearchCfg(_Section):
         return self
 
 
+XgbDevice = Literal["auto", "cpu", "cuda"]  # auto: the GPU when torch sees one and xgboost was built with CUDA
+
+
 class RegularizationCfg(_Section):
     train_limit: PositiveInt
     max_epochs: PositiveInt
     xgb_estimators: PositiveInt
+    xgb_device: XgbDevice
     variants: dict[str, list[str]] = Field(min_length=1)
 
 
@@ -141,6 +154,7 @@ class DownstreamCfg(_Section):
     learning_rate: PositiveFloat
     max_bin: int = Field(ge=2)
     n_jobs: int
+    device: XgbDevice
 
 
 class NetCfg(_Section):
@@ -238,7 +252,6 @@ class ColorizeCfg(_Section):
     max_epochs: PositiveInt
     val_fraction: float = Field(gt=0, lt=1)
     train_limit: PositiveInt | None = None
-    num_workers: int = Field(ge=0)
     out_dir: str
 
 

@@ -10,13 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 from aelab.paths import atomic_path  # noqa: E402
 
 
 def image_rows(path: Path | str, rows: dict[str, torch.Tensor]) -> Path:
     """One labelled row per entry of ``rows`` (each a (N, 1 or 3, H, W) batch in [0, 1]), saved as a PNG."""
+    from torchvision.utils import make_grid  # imported here: torchvision costs a second at import
+
     fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.3 * len(rows)), squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], rows.items()):
         grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=len(images), padding=2, pad_value=1.0)

@@ -9,12 +9,12 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 class ImageQuality:
     """Mean per-image PSNR (dB) and SSIM of several named candidates against the same targets, over batches."""
 
-    def __init__(self, names, data_range: float = 1.0):
-        self.meters = {name: (PeakSignalNoiseRatio(data_range=data_range, dim=(1, 2, 3)),
-                              StructuralSimilarityIndexMeasure(data_range=data_range)) for name in names}
+    def __init__(self, names, data_range: float = 1.0, device: torch.device | str = "cpu"):
+        self.meters = {name: (PeakSignalNoiseRatio(data_range=data_range, dim=(1, 2, 3)).to(device),
+                              StructuralSimilarityIndexMeasure(data_range=data_range).to(device)) for name in names}
 
     def update(self, target: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
-        """Score one batch: ``target`` and every candidate are (N, C, H, W) images on the CPU."""
+        """Score one batch: ``target`` and every candidate are (N, C, H, W) images on the meters' device."""
         for name, pred in candidates.items():
             for meter in self.meters[name]:
                 meter.update(pred.float(), target.float())

@@ -7,11 +7,14 @@ import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import MLFlowLogger
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -68,6 +71,11 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
 
 
 def lightning_logger(cfg: DictConfig, run) -> MLFlowLogger:
-    """Lightning's MLflow logger writing into the already started ``run`` (per-epoch metrics)."""
+    """Lightning's MLflow logger writing into the already started ``run`` (per-epoch metrics).
+
+    Lightning is imported here, not at the top: stages without a Lightning fit (download, downstream) skip its import.
+    """
+    from lightning.pytorch.loggers import MLFlowLogger
+
     return MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg),
                         run_id=run.info.run_id)

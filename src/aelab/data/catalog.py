@@ -1,8 +1,9 @@
-"""The catalog of supported datasets: where to get them and how to verify them."""
+"""The catalog of supported datasets: where to get them, how to verify them and where they are kept."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,11 @@ def get_spec(name: str) -> DatasetSpec:
     except KeyError:
         known = ", ".join(sorted(DATASETS))
         raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {known}") from None
+
+
+def raw_dir(data_cfg) -> Path:
+    """Where the download stage puts ``data_cfg.name``: ``<raw_dir>/<name>/``."""
+    return Path(data_cfg.raw_dir) / data_cfg.name
 
 
 def image_set(name: str, channels: int) -> DatasetSpec:

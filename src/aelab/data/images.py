@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from aelab.data.catalog import get_spec
+from aelab.data.catalog import get_spec, raw_dir
 from aelab.data.idx import read_idx
+from aelab.data.resident import ResidentDataModule
 from aelab.paths import require
-
-
-def raw_dir(data_cfg) -> Path:
-    """Where the download stage puts ``data_cfg.name``: ``<raw_dir>/<name>/``."""
-    return Path(data_cfg.raw_dir) / data_cfg.name
 
 
 def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -45,12 +38,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).float().div_(255).unsqueeze(1)
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Train/val from the training set (seeded split), test from the held-out test set."""
+class ImageDataModule(ResidentDataModule):
+    """Train/val from the training set (seeded split), test from the held-out test set, resident on the device."""
 
     def __init__(self, data_cfg, batch_size: int, seed: int):
-        super().__init__()
-        self.data_cfg, self.batch_size, self.seed = data_cfg, batch_size, seed
+        super().__init__(batch_size, seed)
+        self.data_cfg = data_cfg
 
     def setup(self, stage: str | None = None) -> None:
         x, y = load_split(self.data_cfg, "train")
@@ -60,16 +53,3 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
         xt, yt = load_split(self.data_cfg, "test")
         self.test_set = TensorDataset(to_tensor(xt), torch.from_numpy(yt).long())
-
-    def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.data_cfg.num_workers, persistent_workers=self.data_cfg.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)

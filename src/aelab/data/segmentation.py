@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from aelab.data.resident import ResidentBatches, loader_device
 from aelab.paths import atomic_path, require, write_json
 
 SPLITS = ("train", "val", "test")
@@ -255,14 +256,18 @@ def dataset_info(data_cfg) -> dict:
 
 
 class SegmentationDataModule(L.LightningDataModule):
-    """train/val/test of ``segment.data`` (generated set or CamVid-layout folder); augmentation on train only."""
+    """train/val/test of ``segment.data`` (generated set or CamVid-layout folder); augmentation on train only.
 
-    def __init__(self, data_cfg, batch_size: int, num_workers: int = 0):
+    The generated set, when neither resized, cropped nor flipped, is served resident on the Trainer's device
+    (uint8 there, made float/long per batch); everything else goes through a DataLoader with ``num_workers``."""
+
+    def __init__(self, data_cfg, batch_size: int, seed: int, num_workers: int = 0):
         super().__init__()
-        self.data_cfg, self.batch_size, self.num_workers = data_cfg, batch_size, num_workers
+        self.data_cfg, self.batch_size, self.seed, self.num_workers = data_cfg, batch_size, seed, num_workers
         self.info = dataset_info(data_cfg)
         make = DATASETS[data_cfg.kind]
         self.sets = {split: make(data_cfg, split, train=split == "train") for split in SPLITS}
+        self.resident = data_cfg.kind == "generated" and not (data_cfg.size or data_cfg.crop or data_cfg.flip)
 
     def class_weights(self) -> torch.Tensor:
         """Median-frequency weights from the (un-augmented) training masks."""
@@ -270,15 +275,28 @@ class SegmentationDataModule(L.LightningDataModule):
         masks = (train.mask(i) for i in range(len(train)))
         return median_frequency_weights(masks, len(self.info["classes"]), self.info["ignore_index"])
 
-    def _loader(self, split: str) -> DataLoader:
+    def batches(self, split: str, device: torch.device | str) -> ResidentBatches:
+        """The generated ``split`` as resident batches on ``device`` (``train`` reshuffled every epoch)."""
+        data = self.sets[split]
+        return ResidentBatches((torch.from_numpy(data.images), torch.from_numpy(data.masks)), self.batch_size,
+                               split == "train", self.seed, device, prepare=_float_image_long_mask)
+
+    def _loader(self, split: str) -> DataLoader | ResidentBatches:
+        if self.resident:
+            return self.batches(split, loader_device(self))
         return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=split == "train",
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | ResidentBatches:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | ResidentBatches:
         return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | ResidentBatches:
         return self._loader("test")
+
+
+def _float_image_long_mask(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, H, W) images and masks -> float (N, 1, H, W) in [0, 1] and long (N, H, W), as the Dataset gives."""
+    return images.unsqueeze(1).float().div_(255), masks.long()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ import torchmetrics
 from omegaconf import OmegaConf
 
 from aelab.data.images import to_tensor
+from aelab.lit.fast import FastModule
 from aelab.models.penalties import activity_l1, kl_sparsity, weight_l1
 
 DEFAULT_OPTIM = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "betas": [0.9, 0.999],
@@ -18,7 +18,7 @@ DEFAULT_OPTIM = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.
 DEFAULT_PENALTY = {"l1_weight": 0.0, "activity_l1": 0.0, "sparsity_kl": 0.0, "sparsity_target": 0.05}
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(FastModule):
     """Trains the model described by ``model_cfg`` (a Hydra ``_target_`` dict) to reproduce its input.
 
     The model outputs logits; ``sigmoid(logits)`` is the reconstruction in [0, 1]. ``loss="bce"`` is binary
@@ -69,12 +69,13 @@ class AutoencoderModule(L.LightningModule):
         code = self.model.encode(x)
         return self.reconstruction_loss(self.model.decoder(code), x), self.penalty_loss(code)
 
-    def training_step(self, batch, batch_idx):
+    def train_losses(self, batch) -> dict[str, torch.Tensor]:
+        """The minimised sum, the reconstruction loss (``train_loss``) and, when configured, the penalty."""
         recon, penalty = self.losses(batch[0])
-        self.log("train_loss", recon, on_step=False, on_epoch=True, prog_bar=True)
+        out = {"loss": recon + penalty, "train_loss": recon}
         if penalty.requires_grad:
-            self.log("train_penalty", penalty, on_step=False, on_epoch=True)
-        return recon + penalty
+            out["train_penalty"] = penalty
+        return out
 
     def _eval_step(self, batch, prefix: str, mse: torchmetrics.MeanSquaredError) -> None:
         x = batch[0]
@@ -92,9 +93,9 @@ class AutoencoderModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         if o["name"] == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+            opt = self.make_optimizer("sgd", lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
         else:
-            opt = torch.optim.Adam(self.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+            opt = self.make_optimizer("adam", lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
         if o["schedule"] == "none":
             return opt
         if o["schedule"] == "step":

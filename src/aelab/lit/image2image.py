@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hydra
-import lightning as L
 import torch
 import torch.nn.functional as F
+
+from aelab.lit.fast import FastModule
 
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 
 
-class ImageToImageModule(L.LightningModule):
+class ImageToImageModule(FastModule):
     """Trains the network ``model_cfg`` describes (a Hydra ``_target_`` dict) on (input, target) batches.
 
     The network's output is already in the target's range (sigmoid for images, tanh for chroma); ``loss`` is
@@ -26,17 +27,16 @@ class ImageToImageModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def training_step(self, batch, batch_idx):
+    def train_losses(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch
         loss = self.loss_fn(self(x).float(), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return {"loss": loss, "train_loss": loss}
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", self.loss_fn(self(x).float(), y), prog_bar=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = self.make_optimizer("adam", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.trainer.max_epochs, 1))
         return {"optimizer": opt, "lr_scheduler": sched}

@@ -4,12 +4,13 @@ the SegNet paper's measures: global pixel accuracy (G), class-average accuracy (
 from __future__ import annotations
 
 import hydra
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
+
+from aelab.lit.fast import FastModule
 
 
 def build_model(model_cfg: dict, in_channels: int, classes: int) -> nn.Module:
@@ -35,9 +36,11 @@ def summarize(values: dict[str, torch.Tensor]) -> dict[str, float]:
             "miou": float(values["iou"].nanmean())}
 
 
-class SegmentationModule(L.LightningModule):
+class SegmentationModule(FastModule):
     """Trains ``model_cfg`` to label every pixel with one of ``class_names``; ``ignore_index`` pixels are skipped
     by the loss and the metrics. ``class_weights`` (one per class) weight the cross-entropy."""
+
+    cuda_precision = "bf16-mixed"
 
     def __init__(self, model_cfg: dict, in_channels: int, class_names: list[str], ignore_index: int | None = None,
                  class_weights: list[float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0):
@@ -47,7 +50,7 @@ class SegmentationModule(L.LightningModule):
         self.model = build_model(model_cfg, in_channels, n)
         self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None)
         self.val_metrics = segmentation_metrics(n, ignore_index)
-        self.test_metrics = segmentation_metrics(n, ignore_index)
+        self.score_test_split = segmentation_metrics(n, ignore_index)
         self.test_confusion = MulticlassConfusionMatrix(n, ignore_index=ignore_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,11 +61,10 @@ class SegmentationModule(L.LightningModule):
         ignore = -100 if self.hparams.ignore_index is None else self.hparams.ignore_index
         return F.cross_entropy(logits.float(), y, weight=self.class_weights, ignore_index=ignore)
 
-    def training_step(self, batch, batch_idx):
+    def train_losses(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch
         loss = self._loss(self.model(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return {"loss": loss, "train_loss": loss}
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -78,17 +80,17 @@ class SegmentationModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         x, y = batch
         pred = self.model(x).argmax(1)
-        self.test_metrics.update(pred, y)
+        self.score_test_split.update(pred, y)
         self.test_confusion.update(pred, y)
 
     def on_test_epoch_end(self) -> None:
-        values = self.test_metrics.compute()
+        values = self.score_test_split.compute()
         self.test_iou = values["iou"].cpu()
         self.log_dict({f"test_{k}": v for k, v in summarize(values).items()})
-        self.test_metrics.reset()
+        self.score_test_split.reset()
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = self.make_optimizer("adamw", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr,
                                                     total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

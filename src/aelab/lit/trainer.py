@@ -9,7 +9,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+
+from aelab.lit.fast import FastPath
+
+
+PROGRESS_EVERY = 10  # batches between progress-bar redraws (a redraw per step costs the GPU its lead)
 
 
 def train_device(trainer_cfg) -> torch.device:
@@ -19,29 +24,42 @@ def train_device(trainer_cfg) -> torch.device:
     return torch.device("cuda" if on_cuda else "cpu")
 
 
-def resolve_precision(trainer_cfg) -> str:
-    """``auto`` means bf16-mixed when training on CUDA, 32-true otherwise."""
+def resolve_precision(trainer_cfg, module: L.LightningModule | None = None) -> str:
+    """``auto`` means the module's ``cuda_precision`` (measured per model; bf16-mixed when it has none) when
+    training on CUDA, 32-true otherwise."""
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
-    on_cuda = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if on_cuda else "32-true"
+    if train_device(trainer_cfg).type != "cuda":
+        return "32-true"
+    return getattr(module, "cuda_precision", "bf16-mixed")
 
 
-def build_trainer(trainer_cfg, logger, callbacks: list[Callback]) -> L.Trainer:
-    """A Trainer on the best available device; checkpoints are the caller's ``ModelCheckpoint``."""
+def build_trainer(trainer_cfg, module: L.LightningModule, logger, callbacks: list[Callback] = ()) -> L.Trainer:
+    """A Trainer for ``module`` on the best available device, with the fast path of ``trainer.fast``; checkpoints
+    are the caller's ``ModelCheckpoint``."""
+    on_cuda = train_device(trainer_cfg).type == "cuda"
+    if on_cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for 32-true on tensor cores
     return L.Trainer(
         max_epochs=trainer_cfg.max_epochs,
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
-        precision=resolve_precision(trainer_cfg),
+        precision=resolve_precision(trainer_cfg, module),
         limit_train_batches=trainer_cfg.limit_train_batches,
         enable_progress_bar=trainer_cfg.enable_progress_bar,
         logger=logger,
-        callbacks=callbacks,
+        callbacks=[FastPath(trainer_cfg.fast), *callbacks,
+                   *([TQDMProgressBar(refresh_rate=PROGRESS_EVERY)] if trainer_cfg.enable_progress_bar else [])],
         default_root_dir=None,
         log_every_n_steps=10,
         deterministic=False,
+        benchmark=on_cuda,  # batch shapes are fixed: let cuDNN pick its fastest convolutions once
     )
+
+
+def score_test_split(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_cfg, logger=False) -> dict:
+    """``module``'s test-step metrics on ``datamodule``'s test split."""
+    return build_trainer(trainer_cfg, module, logger).test(module, datamodule=datamodule, verbose=False)[0]
 
 
 class EpochHistory(Callback):
@@ -90,7 +108,7 @@ def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, train
     with tempfile.TemporaryDirectory(dir=ckpt.parent) as tmp:
         best = ModelCheckpoint(dirpath=tmp, filename="best", monitor=monitor, mode=mode, save_top_k=1)
         history = EpochHistory(keys)
-        build_trainer(trainer_cfg, logger, [best, history]).fit(module, datamodule=datamodule)
+        build_trainer(trainer_cfg, module, logger, [best, history]).fit(module, datamodule=datamodule)
         os.replace(best.best_model_path, ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return (type(module).load_from_checkpoint(ckpt, map_location=device).eval(), history,

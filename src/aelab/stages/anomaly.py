@@ -31,6 +31,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 from aelab.config import ConfigError, anomaly_classes, validate
 from aelab.data.catalog import get_spec
 from aelab.data.images import load_split, raw_dir, split_indices, to_tensor
+from aelab.data.resident import ResidentDataModule
 from aelab.figures import roc_panels
 from aelab.lit.autoencoder import AutoencoderModule, autoencoder_module
 from aelab.lit.trainer import fit_best
@@ -79,9 +80,8 @@ def run_class(cfg: DictConfig, name: str, train: np.ndarray, x_test: np.ndarray,
     """Fit the AE and the baselines on ``train``, score ``x_test`` in a child run: (scores, ROC curves, AE fit s)."""
     fit_idx, val_idx = split_indices(len(train), cfg.data.val_fraction, cfg.seed)
     L.seed_everything(cfg.seed, workers=True)  # each class alike, whichever others run
-    data = L.LightningDataModule.from_datasets(TensorDataset(to_tensor(train[fit_idx])),
-                                               TensorDataset(to_tensor(train[val_idx])),
-                                               batch_size=cfg.pretrain.batch_size, num_workers=cfg.data.num_workers)
+    data = ResidentDataModule(cfg.pretrain.batch_size, cfg.seed, TensorDataset(to_tensor(train[fit_idx])),
+                              TensorDataset(to_tensor(train[val_idx])))
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"max_epochs": cfg.anomaly.max_epochs})
     with mlflow.start_run(run_name=name, nested=True, tags={"stage": "anomaly", "anomaly_class": name}) as run:
         module, history, _ = fit_best(autoencoder_module(cfg), data, trainer_cfg, lightning_logger(cfg, run),

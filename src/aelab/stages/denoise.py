@@ -40,7 +40,7 @@ TUNE_IMAGES = 2000  # validation images used to pick each filter's size
 @torch.inference_mode()
 def pick_filter_sizes(noisy: torch.Tensor, clean: torch.Tensor, sizes: list[int], batch_size: int) -> dict[str, int]:
     """For each classical filter, the size in ``sizes`` with the best mean PSNR on (noisy, clean)."""
-    psnr = {(name, size): PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+    psnr = {(name, size): PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(clean.device)
             for name in CLASSICAL_FILTERS for size in sizes}
     for start in range(0, len(clean), batch_size):
         x, y = noisy[start:start + batch_size], clean[start:start + batch_size]
@@ -52,11 +52,12 @@ def pick_filter_sizes(noisy: torch.Tensor, clean: torch.Tensor, sizes: list[int]
 @torch.inference_mode()
 def score(module: ImageToImageModule, noisy: torch.Tensor, clean: torch.Tensor, filter_sizes: dict[str, int],
           batch_size: int) -> dict[str, dict[str, float]]:
-    """PSNR and SSIM against ``clean`` of the model's output, the noisy input and each filter's output."""
-    quality = ImageQuality(["model", "noisy", *filter_sizes])
+    """PSNR and SSIM against ``clean`` of the model's output, the noisy input and each filter's output (on the
+    module's device)."""
+    quality = ImageQuality(["model", "noisy", *filter_sizes], device=module.device)
     for start in range(0, len(clean), batch_size):
-        x, y = noisy[start:start + batch_size], clean[start:start + batch_size]
-        outputs = {"model": module(x.to(module.device)).float().cpu(), "noisy": x}
+        x, y = (t[start:start + batch_size].to(module.device) for t in (noisy, clean))
+        outputs = {"model": module(x).float(), "noisy": x}
         outputs.update({name: CLASSICAL_FILTERS[name](x, size) for name, size in filter_sizes.items()})
         quality.update(y, outputs)
     return quality.compute()
@@ -64,8 +65,9 @@ def score(module: ImageToImageModule, noisy: torch.Tensor, clean: torch.Tensor, 
 
 def evaluate(module: ImageToImageModule, data: NoisyImageDataModule, kind: str, level: float,
              cfg: DictConfig) -> dict:
-    """Scores on the test set at one noise; the filters' sizes are tuned on the validation split first."""
-    sizes = pick_filter_sizes(*(t[:TUNE_IMAGES] for t in data.fixed_noise("val", kind, level)),
+    """Scores on the test set at one noise; the filters' sizes are tuned on the validation split first (both on the
+    module's device)."""
+    sizes = pick_filter_sizes(*(t[:TUNE_IMAGES].to(module.device) for t in data.fixed_noise("val", kind, level)),
                               list(cfg.denoise.filter_sizes), 500)
     return {**score(module, *data.fixed_noise("test", kind, level), sizes, 500), "filter_size": sizes}
 

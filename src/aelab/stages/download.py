@@ -9,9 +9,8 @@ import mlflow
 from omegaconf import DictConfig
 
 from aelab.config import validate
-from aelab.data.catalog import get_spec
+from aelab.data.catalog import get_spec, raw_dir
 from aelab.data.download import download_dataset, manifest_hash
-from aelab.data.images import raw_dir
 from aelab.stages import CONF_DIR
 from aelab.tracking import start_run
 

@@ -27,6 +27,7 @@ from aelab.data.images import load_split, raw_dir
 from aelab.paths import atomic_path, require, write_json
 from aelab.stages import CONF_DIR, output_root
 from aelab.tracking import start_run
+from aelab.xgb import xgb_device
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ def load_feature_sets(cfg: DictConfig) -> dict[str, tuple[np.ndarray, ...]]:
     return sets
 
 
-def fit_and_score(cfg: DictConfig, x_train, y_train, x_test, y_test) -> tuple[XGBClassifier, dict, np.ndarray]:
-    """Train one booster; return it, its test metrics and its test predictions."""
+def fit_and_score(cfg: DictConfig, device: str, x_train, y_train, x_test,
+                  y_test) -> tuple[XGBClassifier, dict, np.ndarray]:
+    """Train one booster on ``device``; return it, its test metrics and its test predictions."""
     params = cfg.downstream
     clf = XGBClassifier(n_estimators=params.n_estimators, max_depth=params.max_depth,
                         learning_rate=params.learning_rate, max_bin=params.max_bin, n_jobs=params.n_jobs,
-                        tree_method="hist", random_state=cfg.seed)
+                        tree_method="hist", device=device, random_state=cfg.seed)
     start = time.perf_counter()
     clf.fit(x_train, y_train)
     fit_seconds = time.perf_counter() - start
@@ -60,17 +62,20 @@ def fit_and_score(cfg: DictConfig, x_train, y_train, x_test, y_test) -> tuple[XG
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
+    device = xgb_device(cfg.downstream.device, "downstream.device")
     root = output_root()
     manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
     classes = list(get_spec(cfg.data.name).classes)
     sets = load_feature_sets(cfg)
     results = {}
     with start_run(cfg, "downstream", manifest):
-        fitted = {name: fit_and_score(cfg, *arrays) for name, arrays in sets.items()}  # fit first: logging competes for CPU
+        mlflow.log_param("xgb_device", device)
+        # fit first: logging competes for CPU
+        fitted = {name: fit_and_score(cfg, device, *arrays) for name, arrays in sets.items()}
         for name, (clf, metrics, pred) in fitted.items():
             y_test = sets[name][3]
-            results[name] = metrics
-            log.info("XGBoost on %s: %s", name, metrics)
+            results[name] = {**metrics, "xgb_device": device}
+            log.info("XGBoost on %s (%s): %s", name, device, metrics)
             mlflow.log_metrics({f"{name}_{k}": v for k, v in metrics.items()})
             mlflow.xgboost.log_model(clf, name=f"xgb_{name}", pip_requirements=[f"xgboost=={xgboost.__version__}"])
             _write_confusion_csv(root / f"reports/plots/confusion_{name}.csv", y_test, pred, classes)

@@ -26,12 +26,13 @@ from xgboost import XGBClassifier
 from aelab.config import ConfigError, validate
 from aelab.data.images import ImageDataModule, load_split, raw_dir, split_indices
 from aelab.lit.autoencoder import autoencoder_module, encode
-from aelab.lit.trainer import build_trainer, fit_best
+from aelab.lit.trainer import fit_best, score_test_split
 from aelab.models.penalties import code_sparsity
 from aelab.paths import atomic_path, require, write_csv, write_json
 from aelab.stages import CONF_DIR, output_root
 from aelab.sweep import compare, markdown_table
 from aelab.tracking import lightning_logger, start_run
+from aelab.xgb import xgb_device
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,14 @@ def train_variant(name: str, vcfg: DictConfig, workdir: str) -> tuple[dict, list
         data = ImageDataModule(vcfg.data, vcfg.pretrain.batch_size, vcfg.seed)
         module, history, best = fit_best(autoencoder_module(vcfg), data, vcfg.trainer, lightning_logger(vcfg, run),
                                          f"{workdir}/{name}.ckpt", keys=("train_loss", "val_loss"))
-        test_mse = build_trainer(vcfg.trainer, False, []).test(module, datamodule=data, verbose=False)[0]["test_mse"]
+        test_mse = score_test_split(module, data, vcfg.trainer)["test_mse"]
         x_train, y_train = load_split(vcfg.data, "train")
         fit_idx, _ = split_indices(len(x_train), vcfg.data.val_fraction, vcfg.seed)
         x_test, y_test = load_split(vcfg.data, "test")
         codes_train, _ = encode(module.eval(), x_train[fit_idx], 1024)
         codes_test, _ = encode(module, x_test, 1024)
         xgb = XGBClassifier(n_estimators=vcfg.regularization.xgb_estimators, max_depth=4, tree_method="hist",
+                            device=xgb_device(vcfg.regularization.xgb_device, "regularization.xgb_device"),
                             random_state=vcfg.seed).fit(codes_train, y_train[fit_idx])
         last = history.rows[-1]
         row = {"variant": name, "best_val_loss": best, "final_train_loss": last["train_loss"],
@@ -81,11 +83,13 @@ def train_variant(name: str, vcfg: DictConfig, workdir: str) -> tuple[dict, list
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> list[dict]:
     validate(cfg)
+    device = xgb_device(cfg.regularization.xgb_device, "regularization.xgb_device")  # fails here if it cannot run
     root = output_root()
     manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
     configs = variant_configs(cfg)
     rows, histories = [], []
     with start_run(cfg, "regularization", manifest), tempfile.TemporaryDirectory() as workdir:
+        mlflow.log_param("xgb_device", device)
         for name, vcfg in configs.items():
             row, history = train_variant(name, vcfg, workdir)
             rows.append(row)

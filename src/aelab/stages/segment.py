@@ -27,7 +27,7 @@ from aelab import figures
 from aelab.config import validate
 from aelab.data.segmentation import SegmentationDataModule
 from aelab.lit.segmentation import SegmentationModule
-from aelab.lit.trainer import build_trainer, fit_best
+from aelab.lit.trainer import fit_best, score_test_split
 from aelab.paths import write_csv, write_json
 from aelab.stages import CONF_DIR, output_root
 from aelab.tracking import lightning_logger, start_run
@@ -64,7 +64,7 @@ def main(cfg: DictConfig) -> dict:
     root = output_root()
     p = cfg.segment
     L.seed_everything(cfg.seed, workers=True)
-    data = SegmentationDataModule(p.data, p.batch_size, cfg.data.num_workers)
+    data = SegmentationDataModule(p.data, p.batch_size, cfg.seed, cfg.data.num_workers)
     classes = data.info["classes"]
     weights = data.class_weights() if p.class_weights == "median_frequency" else None
     module = SegmentationModule(OmegaConf.to_container(p.model, resolve=True), data.info["channels"], classes,
@@ -77,7 +77,7 @@ def main(cfg: DictConfig) -> dict:
         logger = lightning_logger(cfg, run)
         module, history, best_val_miou = fit_best(module, data, trainer_cfg, logger, ckpt, keys=HISTORY_KEYS,
                                                   monitor="val_miou", mode="max")
-        test = build_trainer(trainer_cfg, logger, []).test(module, datamodule=data, verbose=False)[0]
+        test = score_test_split(module, data, trainer_cfg, logger)
         iou = {name: None if math.isnan(v) else v for name, v in zip(classes, module.test_iou.tolist())}
         rows = history.rows
         best = max(rows, key=lambda row: row["val_miou"])

@@ -35,6 +35,7 @@ from aelab.models.penalties import code_sparsity
 from aelab.paths import atomic_path, write_json
 from aelab.stages import CONF_DIR, output_root
 from aelab.tracking import flatten, start_run
+from aelab.xgb import xgb_device
 
 log = logging.getLogger(__name__)
 FEATURE_SETS = {"raw": "raw", "codes": "codes", "raw_codes": "raw + codes"}
@@ -98,8 +99,9 @@ def run_fold(params: dict, seed: int, x_train, y_train, x_test, y_test) -> dict[
     row.update({f"code_{k}": v for k, v in code_sparsity(torch.from_numpy(c_test)).items()})
     sets = {"raw": (x_train, x_test), "codes": (c_train, c_test),
             "raw_codes": (np.hstack([x_train, c_train]), np.hstack([x_test, c_test]))}
+    xgb = {**params["xgb"], "device": xgb_device(params["xgb"]["device"], "tabular.xgb.device")}
     for name, (f_train, f_test) in sets.items():
-        clf = XGBClassifier(**params["xgb"], tree_method="hist", random_state=seed)
+        clf = XGBClassifier(**xgb, tree_method="hist", random_state=seed)
         start = time.perf_counter()
         clf.fit(f_train, y_train)
         row[f"{name}_fit_seconds"] = time.perf_counter() - start
@@ -130,6 +132,7 @@ def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()
     params = OmegaConf.to_container(cfg.tabular, resolve=True)
+    device = xgb_device(params["xgb"]["device"], "tabular.xgb.device")  # fails here if it cannot run
     table = load_table(cfg.tabular)
     check_folds(table, params["folds"])
     splits = StratifiedKFold(params["folds"], shuffle=True, random_state=cfg.seed).split(table.x, table.y)
@@ -142,7 +145,8 @@ def main(cfg: DictConfig) -> dict:
                      row["codes_roc_auc"], row["raw_codes_roc_auc"], row["ae_fit_seconds"])
             mlflow.log_metrics(row, step=fold)
             rows.append(row)
-        results = summarize(table, params, rows)
+        results = {**summarize(table, params, rows), "xgb_device": device}
+        mlflow.log_param("xgb_device", device)
         mlflow.log_metrics({k: v for k, v in flatten(results).items() if isinstance(v, float)})
         write_json(root / "reports/metrics/tabular.json", results)
         report = markdown_report(results, params)

@@ -1,0 +1,83 @@
+"""Batches sliced from tensors that live on the training device: the in-memory sets without a DataLoader.
+
+A DataLoader collates every batch sample by sample on the host and copies it to the GPU; for sets that fit in
+memory (all the 28x28 sets, the generated segmentation set, the color patches) that is where the time goes. Here
+the whole split is moved to the device once and each batch is one index (or slice) of it. Lightning takes any
+sized iterable as a loader and leaves batches that are already on its device where they are.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import TensorDataset
+
+
+class ResidentBatches:
+    """Batches of ``batch_size`` rows of ``tensors`` (same first dimension), on ``device``.
+
+    With ``shuffle`` every iteration (epoch) visits all rows once in a new order: a permutation drawn from a CPU
+    generator seeded with ``seed`` + the epoch number, so the order does not depend on the device. Without it the
+    batches are plain slices in row order. ``prepare`` turns a batch of stored rows into the model's batch (e.g.
+    uint8 -> float), on the device.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool = False, seed: int = 0,
+                 device: torch.device | str = "cpu", prepare: Callable[..., tuple] | None = None):
+        if len({len(t) for t in tensors}) != 1:
+            raise ValueError(f"tensors of different lengths: {[len(t) for t in tensors]}")
+        self.tensors = tuple(t.to(device) for t in tensors)
+        self.batch_size, self.shuffle, self.seed, self.prepare = batch_size, shuffle, seed, prepare
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.tensors[0]) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.tensors[0])
+        order = None
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = order.to(self.tensors[0].device)
+            self.epoch += 1
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                batch = tuple(t[start:start + self.batch_size] for t in self.tensors)
+            else:
+                rows = order[start:start + self.batch_size]
+                batch = tuple(t.index_select(0, rows) for t in self.tensors)
+            yield self.prepare(*batch) if self.prepare else batch
+
+
+def loader_device(datamodule) -> torch.device:
+    """The device of the Trainer a DataModule is attached to (the CPU when it is used on its own)."""
+    trainer = getattr(datamodule, "trainer", None)
+    return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+
+class ResidentDataModule(L.LightningDataModule):
+    """``train_set``/``val_set``/``test_set`` (TensorDatasets, set here or by a subclass's ``setup``) served as
+    :class:`ResidentBatches` on the Trainer's device; the training batches reshuffled every epoch from ``seed``."""
+
+    def __init__(self, batch_size: int, seed: int, train_set: TensorDataset | None = None,
+                 val_set: TensorDataset | None = None, test_set: TensorDataset | None = None):
+        super().__init__()
+        self.batch_size, self.seed = batch_size, seed
+        self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
+
+    def batches(self, split: str, device: torch.device | str) -> ResidentBatches:
+        """The ``train`` (shuffled), ``val`` or ``test`` split as batches on ``device``."""
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        return ResidentBatches(dataset.tensors, self.batch_size, split == "train", self.seed, device)
+
+    def train_dataloader(self) -> ResidentBatches:
+        return self.batches("train", loader_device(self))
+
+    def val_dataloader(self) -> ResidentBatches:
+        return self.batches("val", loader_device(self))
+
+    def test_dataloader(self) -> ResidentBatches:
+        return self.batches("test", loader_device(self))

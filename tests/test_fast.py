@@ -1,0 +1,88 @@
+"""The fast training step: its switches, and the same loss curve as a plain PyTorch loop on a fixed seed."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from aelab.data.images import ImageDataModule
+from aelab.lit.autoencoder import autoencoder_module
+from aelab.lit.fast import FastSettings, resolve_fast
+from aelab.lit.segmentation import SegmentationModule
+from aelab.lit.trainer import fit_best, resolve_precision
+from conftest import compose_cfg
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FAST = OmegaConf.create({"cuda_graph": "auto", "fused_optimizer": "auto", "channels_last": "auto"})
+
+
+def test_auto_switches_everything_on_for_cuda_and_off_for_cpu():
+    dense = autoencoder_module(compose_cfg("model=deep"))
+    conv = autoencoder_module(compose_cfg("model=conv"))
+    assert resolve_fast(FAST, torch.device("cpu"), "32-true", conv) == FastSettings()
+    assert resolve_fast(FAST, torch.device("cuda"), "32-true", conv) == FastSettings(True, True, True)
+    assert resolve_fast(FAST, torch.device("cuda"), "32-true", dense) == FastSettings(True, True, False)
+    assert not resolve_fast(FAST, torch.device("cuda"), "16-mixed", dense).cuda_graph  # GradScaler: no graph
+
+
+def test_forced_switches_are_honoured_or_refused_naming_the_key():
+    dense = autoencoder_module(compose_cfg("model=deep"))
+    fused = OmegaConf.merge(FAST, {"fused_optimizer": True, "cuda_graph": False})
+    assert resolve_fast(fused, torch.device("cpu"), "32-true", dense).fused_optimizer
+    with pytest.raises(ValueError, match="trainer.fast.cuda_graph=true"):
+        resolve_fast(OmegaConf.merge(FAST, {"cuda_graph": True}), torch.device("cpu"), "32-true", dense)
+
+
+def test_precision_auto_is_measured_per_model_on_cuda_only():
+    cfg = compose_cfg("model=deep", "trainer.accelerator=cpu")
+    segmenter = SegmentationModule({"_target_": "aelab.models.segnet.SegNet", "channels": [4], "convs": [1]}, 1,
+                                   ["a", "b"])
+    assert resolve_precision(cfg.trainer, segmenter) == "32-true"  # CPU
+    assert (autoencoder_module(cfg).cuda_precision, segmenter.cuda_precision) == ("32-true", "bf16-mixed")
+
+
+def plain_epoch_losses(cfg, data: ImageDataModule, epochs: int) -> list[float]:
+    """Per-epoch mean training loss of a plain PyTorch loop over the same batches, from the same start."""
+    L.seed_everything(cfg.seed, verbose=False)
+    module = autoencoder_module(cfg)
+    opt = torch.optim.Adam(module.parameters(), lr=cfg.pretrain.optim.lr)
+    train = data.batches("train", "cpu")
+    means = []
+    for _ in range(epochs):
+        total, n = 0.0, 0
+        for batch in train:
+            loss = module.train_losses(batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, n = total + float(loss.detach()) * len(batch[0]), n + len(batch[0])
+        means.append(total / n)
+    return means
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_project_path_follows_the_plain_loop(tiny_raw, smoke_overrides, tmp_path, fused):
+    cfg = compose_cfg(*smoke_overrides, "model=simple", "trainer.max_epochs=3",
+                      f"trainer.fast.fused_optimizer={str(fused).lower()}")
+    data = ImageDataModule(cfg.data, cfg.pretrain.batch_size, cfg.seed)
+    data.setup()
+    assert len(data.train_set) % cfg.pretrain.batch_size  # a ragged last batch is part of the check
+    L.seed_everything(cfg.seed, verbose=False)
+    _, history, _ = fit_best(autoencoder_module(cfg), data, cfg.trainer, False, tmp_path / "ae.ckpt")
+    expected = plain_epoch_losses(cfg, data, 3)
+    assert [row["train_loss"] for row in history.rows] == pytest.approx(expected, rel=1e-4)
+
+
+@CUDA
+def test_cuda_graph_step_gives_the_eager_loss_curve(tiny_raw, smoke_overrides, tmp_path):
+    curves = {}
+    for graph in (False, True):
+        cfg = compose_cfg(*smoke_overrides, "model=conv", "trainer.accelerator=gpu", "trainer.max_epochs=3",
+                          "trainer.precision=32-true", f"trainer.fast.cuda_graph={str(graph).lower()}")
+        data = ImageDataModule(cfg.data, cfg.pretrain.batch_size, cfg.seed)
+        L.seed_everything(cfg.seed, verbose=False)
+        module, history, _ = fit_best(autoencoder_module(cfg), data, cfg.trainer, False, tmp_path / f"{graph}.ckpt")
+        curves[graph] = [row["train_loss"] for row in history.rows]
+    assert curves[True] == pytest.approx(curves[False], rel=2e-3)
