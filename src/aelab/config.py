@@ -123,7 +123,14 @@ class SearchCfg(_Section):
     one_minus_momentum_min: float = Field(gt=0, lt=1)
     one_minus_momentum_max: float = Field(gt=0, lt=1)
     vectorize: Literal["auto", True, False]
-    chunk: PositiveInt
+    chunk: PositiveInt | Literal["auto"]
+
+    @field_validator("vectorize", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: object) -> object:
+        if value != "auto" and not isinstance(value, bool):  # the Literal alone would take 1 for true
+            raise ValueError("should be auto, true or false")
+        return value
 
     @model_validator(mode="after")
     def _ranges_increase(self) -> "SearchCfg":

@@ -1,30 +1,50 @@
 """The lecture's hyper-parameter recipe: one very short training per candidate value, best by validation loss.
 
 Every candidate starts from the same initial weights and sees the same mini-batches, so only the searched value
-differs. The trainings are a few dozen steps each and there are a hundred of them, so they run as a plain loop over
-the LightningModule's own ``losses`` and ``configure_optimizers`` (a Trainer's start-up would cost more than the
-training itself); loss, penalties and optimizer are exactly those of the pretrain stage.
+differs. Loss and penalties are the pretrain stage's (``AutoencoderModule.losses``). There are two ways to train
+the candidates, chosen by ``search.vectorize``, on the trainer's device (``train_device``):
+
+- sequentially (``short_training_loss``): a plain loop per candidate over the module's own
+  ``configure_optimizers``, the reference;
+- vectorised (``ensemble_training_losses``): all candidates as one ensemble, their weights stacked
+  (``torch.func.stack_module_state``), the loss of each under ``torch.vmap`` + ``functional_call``, and
+  ``EnsembleOptimizer``, torch.optim's Adam / SGD written over the stacked tensors with per-candidate values.
+
+Both give the same validation losses up to float rounding (tests/test_search.py checks them against each other), which
+a candidate near divergence, or Adam on a batch-normalised net, can amplify as any change of summation order does
+(the loop's own results move as much with the number of CPU threads). A Trainer's start-up would cost more than
+these trainings, hence the plain loops.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+import time
+from collections.abc import Iterator
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.func import functional_call, stack_module_state  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from aelab.data.images import load_split, split_indices, to_tensor  # noqa: E402
 from aelab.figures import save_figure  # noqa: E402
-from aelab.lit.autoencoder import AutoencoderModule  # noqa: E402
+from aelab.lit.autoencoder import DEFAULT_OPTIM, AutoencoderModule  # noqa: E402
+from aelab.lit.trainer import train_device  # noqa: E402
 from aelab.paths import write_csv  # noqa: E402
+
+ADAM_EPS = 1e-8  # torch.optim.Adam's default, which AutoencoderModule keeps
+VAL_CHUNK = 10  # candidates whose full validation-set outputs are held at once
+CPU_CHUNK = 10  # candidates per ensemble on a CPU: the weights, gradients and moments of ~10 dense AEs stay in cache
+VMAP_CHECKED = ("aelab.models.autoencoders.DenseAutoencoder", "aelab.models.autoencoders.ConvAutoencoder")
 
 
 def log_grid(low: float, high: float, n: int) -> np.ndarray:
@@ -33,46 +53,204 @@ def log_grid(low: float, high: float, n: int) -> np.ndarray:
 
 
 def search_data(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``search.train_limit`` / ``search.val_limit`` images of the seeded train / val split."""
+    """The first ``search.train_limit`` / ``search.val_limit`` images of the seeded train / val split, on the
+    trainer's device."""
     images, _ = load_split(cfg.data, "train")
     train_idx, val_idx = split_indices(len(images), cfg.data.val_fraction, cfg.seed)
-    return to_tensor(images[train_idx[:cfg.search.train_limit]]), to_tensor(images[val_idx[:cfg.search.val_limit]])
+    device = train_device(cfg.trainer)
+    return (to_tensor(images[train_idx[:cfg.search.train_limit]]).to(device),
+            to_tensor(images[val_idx[:cfg.search.val_limit]]).to(device))
+
+
+class SearchObjective(nn.Module):
+    """The search's loss of ``module``: reconstruction + penalties of a batch in train mode, the reconstruction
+    loss of the whole validation set in eval mode. A ``forward`` so that ``functional_call`` can run it with one
+    candidate's weights: the penalties then read that candidate's weights too."""
+
+    def __init__(self, module: AutoencoderModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.module.reconstruction_loss(self.module.model(x), x)
+        recon, penalty = self.module.losses(x)
+        return recon + penalty
+
+
+def search_objective(cfg: DictConfig, optim: dict, device: torch.device) -> SearchObjective:
+    """The seeded initial module (the same for every candidate), with ``optim`` and no LR schedule, on ``device``."""
+    torch.manual_seed(cfg.seed)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    module = AutoencoderModule(plain["model"], plain["pretrain"]["loss"], {**optim, "schedule": "none"},
+                               plain["pretrain"]["penalty"])
+    return SearchObjective(module).to(device)
+
+
+def mini_batches(cfg: DictConfig, x_train: torch.Tensor, n_batches: int) -> Iterator[torch.Tensor]:
+    """``n_batches`` mini-batches of ``search.batch_size`` in one seeded order, wrapping around the data."""
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed)).to(x_train.device)
+    size = cfg.search.batch_size
+    for step in range(n_batches):
+        start = (step * size) % len(x_train)
+        yield x_train[order[start:start + size]]
 
 
 def short_training_loss(cfg: DictConfig, optim: dict, x_train: torch.Tensor, x_val: torch.Tensor,
                         n_batches: int) -> float:
     """Validation loss after ``n_batches`` mini-batches with ``optim``; ``inf`` when training diverged."""
-    torch.manual_seed(cfg.seed)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    module = AutoencoderModule(plain["model"], plain["pretrain"]["loss"], {**optim, "schedule": "none"},
-                               plain["pretrain"]["penalty"])
-    opt = module.configure_optimizers()
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
-    size = cfg.search.batch_size
-    module.train()
-    for step in range(n_batches):
-        start = (step * size) % len(x_train)
-        recon, penalty = module.losses(x_train[order[start:start + size]])
-        loss = recon + penalty
+    objective = search_objective(cfg, optim, x_train.device)
+    opt = objective.module.configure_optimizers()
+    objective.train()
+    for batch in mini_batches(cfg, x_train, n_batches):
+        loss = objective(batch)
         if not torch.isfinite(loss):
             return math.inf
         opt.zero_grad()
         loss.backward()
         opt.step()
-    module.eval()
+    objective.eval()
     with torch.no_grad():
-        val = float(module.reconstruction_loss(module.model(x_val), x_val))
+        val = float(objective(x_val))
     return val if math.isfinite(val) else math.inf
 
 
-def run_search(name: str, candidates: list, loss_fn: Callable[[object], float], plot_x: np.ndarray, xlabel: str,
-               ylabel: str, root) -> dict:
-    """``loss_fn`` of every candidate; write ``reports/plots/<name>.csv`` and ``reports/figures/<name>.png``, log
-    them to the active MLflow run; return the best candidate's index and loss (diverged runs count as ``inf``)."""
-    losses = []
-    for candidate in tqdm(candidates, desc=name, unit="run"):
-        losses.append(loss_fn(candidate))
-        mlflow.log_metric("val_loss", min(losses[-1], 1e6), step=len(losses) - 1)
+def per_candidate(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per candidate, shaped to broadcast over the stacked tensor ``like`` (floats in its dtype)."""
+    shaped = values.view(-1, *[1] * (like.ndim - 1))
+    return shaped.to(like.dtype) if shaped.is_floating_point() else shaped
+
+
+class EnsembleOptimizer:
+    """torch.optim.Adam / SGD (no dampening, no Nesterov, L2 ``weight_decay`` added to the gradient) on stacked
+    parameters, each candidate (first dimension) with its own ``lr``, ``weight_decay`` and Adam ``betas`` / SGD
+    ``momentum``; a candidate not ``alive`` keeps its weights. Per-candidate factors are computed in float64, as
+    torch.optim computes its Python-float ones."""
+
+    def __init__(self, params: dict[str, torch.Tensor], optims: list[dict]):
+        optims = [{**DEFAULT_OPTIM, **o} for o in optims]
+        names = {o["name"] for o in optims}
+        if len(names) != 1:
+            raise ValueError(f"one ensemble needs one optimizer, got {sorted(names)}")
+        self.adam = names.pop() == "adam"
+        self.params = list(params.values())
+        device = self.params[0].device
+
+        def column(key: str, index: int | None = None) -> torch.Tensor:
+            values = [o[key] if index is None else o[key][index] for o in optims]
+            return torch.tensor(values, dtype=torch.float64, device=device)
+
+        self.lr, self.weight_decay = column("lr"), column("weight_decay")
+        self.decay = any(o["weight_decay"] for o in optims)
+        if self.adam:
+            self.beta1, self.beta2 = column("betas", 0), column("betas", 1)
+        else:
+            self.momentum = column("momentum")
+        self.state = [[torch.zeros_like(p) for _ in range(2 if self.adam else 1)] for p in self.params]
+        self.steps = 0
+
+    def adam_step(self, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> torch.Tensor:
+        """The parameter change by torch.optim.Adam's single-tensor formula; updates the moments."""
+        t = self.steps
+        exp_avg.lerp_(grad, per_candidate(1 - self.beta1, grad))
+        exp_avg_sq.mul_(per_candidate(self.beta2, grad)).addcmul_(grad, grad * per_candidate(1 - self.beta2, grad))
+        step_size = per_candidate(self.lr / (1 - self.beta1 ** t), grad)
+        denom = exp_avg_sq.sqrt().div_(per_candidate((1 - self.beta2 ** t) ** 0.5, grad)).add_(ADAM_EPS)
+        return (exp_avg * -step_size).div_(denom)
+
+    def sgd_step(self, grad: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """The parameter change by torch.optim.SGD; the buffer starts at zero, so after the first step it is the
+        gradient, as SGD's clone makes it."""
+        buf.mul_(per_candidate(self.momentum, grad)).add_(grad)
+        return buf * -per_candidate(self.lr, grad)
+
+    @torch.no_grad()
+    def step(self, alive: torch.Tensor) -> None:
+        """One update from the parameters' ``.grad`` (then cleared), for the candidates where ``alive``."""
+        self.steps += 1
+        for p, state in zip(self.params, self.state):
+            grad = p.grad + per_candidate(self.weight_decay, p) * p if self.decay else p.grad
+            change = self.adam_step(grad, *state) if self.adam else self.sgd_step(grad, *state)
+            p.add_(change.masked_fill_(~per_candidate(alive, p), 0))
+            p.grad = None
+
+
+def ensemble_training_losses(cfg: DictConfig, optims: list[dict], x_train: torch.Tensor, x_val: torch.Tensor,
+                             n_batches: int) -> list[float]:
+    """``short_training_loss`` of every candidate in ``optims`` at once, as one vectorised ensemble.
+
+    The weights of the candidates are stacked; each step computes every candidate's loss on the same mini-batch
+    (``vmap`` over ``functional_call``), backpropagates their sum (the candidates share nothing, so each gets its
+    own gradient) and updates them with ``EnsembleOptimizer``. A candidate whose loss is not finite is frozen and
+    scores ``inf``; the others are unaffected. Batch-norm running statistics are stacked buffers, updated per
+    candidate. Dropout draws one mask for all candidates (``randomness="same"``) from the same seeded generator in
+    the same order as the loop, so each candidate sees the masks the loop gives it (checked on the CPU);
+    ``randomness="different"`` would give each its own masks and results no longer comparable with the loop's.
+    """
+    objective = search_objective(cfg, optims[0], x_train.device)
+    params, buffers = stack_module_state([objective] * len(optims))
+    opt = EnsembleOptimizer(params, optims)
+
+    def loss(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(objective, (p, b), (x,))
+
+    alive = torch.ones(len(optims), dtype=torch.bool, device=x_train.device)
+    objective.train()
+    train_losses = torch.vmap(loss, in_dims=(0, 0, None), randomness="same")
+    for batch in tqdm(mini_batches(cfg, x_train, n_batches), total=n_batches, unit="batch",
+                      desc=f"{len(optims)} candidates"):
+        losses = train_losses(params, buffers, batch)
+        alive &= torch.isfinite(losses.detach())
+        losses.sum().backward()
+        opt.step(alive)
+    objective.eval()
+    with torch.no_grad():
+        val = torch.vmap(loss, in_dims=(0, 0, None), chunk_size=VAL_CHUNK)(params, buffers, x_val)
+    return [v if ok and math.isfinite(v) else math.inf for v, ok in zip(val.tolist(), alive.tolist())]
+
+
+def vectorizes(cfg: DictConfig) -> bool:
+    """Whether the search trains its candidates as ensembles: ``search.vectorize`` true, or ``auto`` and a model
+    whose ensemble is checked against the sequential loop (tests/test_search.py), batch norm and dropout
+    included."""
+    if cfg.search.vectorize == "auto":
+        return cfg.model._target_ in VMAP_CHECKED
+    return cfg.search.vectorize
+
+
+def chunk_size(cfg: DictConfig, n_candidates: int, device: torch.device) -> int:
+    """Candidates per ensemble: ``search.chunk``, where ``auto`` is all of them on a GPU and ``CPU_CHUNK`` on the
+    CPU (one ensemble of 100 outgrows the cache and runs slower than the plain loop there)."""
+    if cfg.search.chunk == "auto":
+        return n_candidates if device.type == "cuda" else CPU_CHUNK
+    return cfg.search.chunk
+
+
+def search_losses(cfg: DictConfig, optims: list[dict], x_train: torch.Tensor, x_val: torch.Tensor,
+                  n_batches: int) -> tuple[list[float], dict]:
+    """The validation loss of each candidate ``optims`` after ``n_batches`` mini-batches (``inf``: diverged), by
+    ensembles (``chunk_size``) or one after the other (``search.vectorize``), and how: ``vectorized`` and
+    ``device``."""
+    vectorized = vectorizes(cfg)
+    if vectorized:
+        chunk = chunk_size(cfg, len(optims), x_train.device)
+        losses = [loss for start in range(0, len(optims), chunk)
+                  for loss in ensemble_training_losses(cfg, optims[start:start + chunk], x_train, x_val, n_batches)]
+    else:
+        losses = [short_training_loss(cfg, optim, x_train, x_val, n_batches)
+                  for optim in tqdm(optims, desc="candidates", unit="run")]
+    return losses, {"vectorized": vectorized, "device": x_train.device.type}
+
+
+def run_search(name: str, losses: list[float], plot_x: np.ndarray, xlabel: str, ylabel: str, root,
+               **info) -> dict:
+    """Log each candidate's loss as ``val_loss`` (step = its index) and ``info`` (how the losses were computed) as
+    tags to the active MLflow run, write ``reports/plots/<name>.csv`` and ``reports/figures/<name>.png`` and log
+    the figure; return the best candidate's index and loss (diverged runs count as ``inf``) and ``info``."""
+    mlflow.set_tags(info)
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, [  # one write, not one per candidate
+        Metric("val_loss", min(loss, 1e6), now, step) for step, loss in enumerate(losses)])
     best = int(np.argmin(losses))
     finite = np.isfinite(losses)
     write_csv(root / f"reports/plots/{name}.csv",
@@ -86,5 +264,5 @@ def run_search(name: str, candidates: list, loss_fn: Callable[[object], float], 
     ax.set_ylabel(ylabel)
     ax.legend()
     mlflow.log_artifact(str(save_figure(fig, root / f"reports/figures/{name}.png")))
-    return {"best_index": best, "best_loss": losses[best], "n_candidates": len(candidates),
-            "n_diverged": int((~finite).sum())}
+    return {"best_index": best, "best_loss": losses[best], "n_candidates": len(losses),
+            "n_diverged": int((~finite).sum()), **info}

@@ -2,13 +2,13 @@
 dozen mini-batches from the same start, best by validation loss.
 
 Outputs: ``reports/metrics/lr_search.json`` (``best_lr``, read by momentum_search), ``reports/plots/lr_search.csv``,
-``reports/figures/lr_search.png`` (loss vs learning rate, log x).
+``reports/figures/lr_search.png`` (loss vs learning rate, log x). The metrics say whether the candidates trained as
+one vectorised ensemble (``vectorized``) and on which ``device``.
 """
 
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import hydra
 import mlflow
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from aelab.config import validate
 from aelab.data.images import raw_dir
 from aelab.paths import require, write_json
-from aelab.search import log_grid, run_search, search_data, short_training_loss
+from aelab.search import log_grid, run_search, search_data, search_losses
 from aelab.stages import CONF_DIR, output_root
 from aelab.tracking import start_run
 
@@ -34,9 +34,9 @@ def main(cfg: DictConfig) -> dict:
     optim = OmegaConf.to_container(cfg.pretrain.optim, resolve=True)
     x_train, x_val = search_data(cfg)
     with start_run(cfg, "lr_search", manifest):
-        result = run_search("lr_search", [{**optim, "lr": float(lr)} for lr in lrs],
-                            partial(short_training_loss, cfg, x_train=x_train, x_val=x_val, n_batches=s.lr_batches),
-                            lrs, "learning rate", f"validation loss after {s.lr_batches} mini-batches", root)
+        losses, how = search_losses(cfg, [{**optim, "lr": float(lr)} for lr in lrs], x_train, x_val, s.lr_batches)
+        result = run_search("lr_search", losses, lrs, "learning rate",
+                            f"validation loss after {s.lr_batches} mini-batches", root, **how)
         result.update(best_lr=float(lrs[result.pop("best_index")]), optimizer=optim["name"],
                       n_batches=s.lr_batches, train_images=len(x_train))
         mlflow.log_metrics({"best_lr": result["best_lr"], "best_loss": result["best_loss"]})

@@ -3,7 +3,8 @@
 
 The momentum is SGD's ``momentum`` or, for Adam (the recipe's optimizer), its first moment decay ``beta1``.
 Outputs: ``reports/metrics/momentum_search.json``, ``reports/plots/momentum_search.csv``,
-``reports/figures/momentum_search.png``.
+``reports/figures/momentum_search.png``; the metrics say whether the candidates trained as one vectorised ensemble
+(``vectorized``) and on which ``device``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from functools import partial
 
 import hydra
 import mlflow
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from aelab.config import validate
 from aelab.data.images import raw_dir
 from aelab.paths import require, write_json
-from aelab.search import log_grid, run_search, search_data, short_training_loss
+from aelab.search import log_grid, run_search, search_data, search_losses
 from aelab.stages import CONF_DIR, output_root
 from aelab.tracking import start_run
 
@@ -46,9 +46,9 @@ def main(cfg: DictConfig) -> dict:
     x_train, x_val = search_data(cfg)
     one_epoch = math.ceil(len(x_train) / s.batch_size)
     with start_run(cfg, "momentum_search", manifest):
-        result = run_search("momentum_search", [with_momentum(optim, 1 - v) for v in one_minus],
-                            partial(short_training_loss, cfg, x_train=x_train, x_val=x_val, n_batches=one_epoch),
-                            one_minus, "1 - momentum", "validation loss after one epoch", root)
+        losses, how = search_losses(cfg, [with_momentum(optim, 1 - v) for v in one_minus], x_train, x_val, one_epoch)
+        result = run_search("momentum_search", losses, one_minus, "1 - momentum", "validation loss after one epoch",
+                            root, **how)
         best = result.pop("best_index")
         result.update(best_momentum=float(1 - one_minus[best]), best_one_minus_momentum=float(one_minus[best]),
                       lr=best_lr, optimizer=optim["name"], n_batches=one_epoch, train_images=len(x_train))
