@@ -32,7 +32,8 @@ stage() { timed "$1" python3 -m aelab.stages."$1" --config-dir . --config-name p
   hydra.output_subdir=null hydra/job_logging=stdout hydra/hydra_logging=none; }
 
 timed gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast.py tests/test_resident.py \
-  tests/test_models.py tests/test_segmentation.py -k "cuda or gpu"
+  tests/test_models.py tests/test_segmentation.py tests/test_xgb_device.py -k "cuda or gpu"
+timed search_tests python3 -m pytest -q -p no:cacheprovider tests/test_search.py  # the ensembles on CUDA
 timed download unshare -n python3 -m aelab.stages.download --config-dir . --config-name params hydra.run.dir=. \
   hydra.output_subdir=null hydra/job_logging=stdout hydra/hydra_logging=none
 stage make_segmentation_set
@@ -40,7 +41,7 @@ BENCH="--precision 32-true bf16-mixed trainer.enable_progress_bar=false"
 timed bench_ae python3 -m aelab.bench --models deep conv --epochs ${BENCH_EPOCHS:-8} $BENCH
 timed bench_segnet python3 -m aelab.bench --models segnet $BENCH segment.max_epochs=3
 for s in ${STAGES:-pretrain features denoise make_color_set colorize segment lr_search momentum_search \
-         regularization anomaly tabular downstream report}; do
+         regularization tabular anomaly downstream report}; do
   stage $s
 done
 cp -r reports/bench reports/metrics "$OUT/" 2>/dev/null
