@@ -17,7 +17,8 @@ TINY = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "pretrai
 
 def test_benchmark_writes_every_path_with_its_numbers(tiny_raw):
     make_segmentation_set.main(compose_cfg(*TINY))
-    results = bench.main(["--models", "deep", "segnet", "--epochs", "2", "--out", str(tiny_raw / "bench"), *TINY])
+    results = bench.main(["--models", "deep", "segnet", "--epochs", "2", "--precision", "auto,32-true",
+                          "--out", str(tiny_raw / "bench"), *TINY])
     for result in results:
         written = json.loads((tiny_raw / "bench" / f"{result['model']}.json").read_text())
         assert written == result and written["device"].startswith("CPU")

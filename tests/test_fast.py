@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from aelab.data.images import ImageDataModule
 from aelab.lit.autoencoder import autoencoder_module
-from aelab.lit.fast import FastSettings, resolve_fast
+from aelab.lit import fast
+from aelab.lit.fast import FastSettings, GraphedStep, resolve_fast
 from aelab.lit.segmentation import SegmentationModule
 from aelab.lit.trainer import fit_best, resolve_precision
 from conftest import compose_cfg
@@ -75,11 +76,49 @@ def test_project_path_follows_the_plain_loop(tiny_raw, smoke_overrides, tmp_path
     assert [row["train_loss"] for row in history.rows] == pytest.approx(expected, rel=1e-4)
 
 
+class EagerReplay(GraphedStep):
+    """A CPU stand-in for the CUDA graph with its memory semantics: a replay writes new values into the gradient
+    and output tensors of the capture, whatever ``.grad`` points at by then."""
+
+    def _capture(self, fn, module):
+        self.fn = fn
+        for p in self.params:
+            p.grad = None
+        return fn(*self.inputs)
+
+    def _replay(self) -> None:
+        attached = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        out = self.fn(*self.inputs)
+        for static, p in zip(self.grads, self.params):
+            static.copy_(p.grad)
+        for key, value in out.items():
+            self.outputs[key].copy_(value)
+        for p, grad in zip(self.params, attached):
+            p.grad = grad
+
+
+def test_graphed_steps_follow_the_plain_loop_through_lightning(tiny_raw, smoke_overrides, tmp_path, monkeypatch):
+    """Replays, the eager ragged batch, and Lightning releasing the gradients before each validation (which once
+    left the optimizer stepping on stale gradients) give the plain loop's losses."""
+    monkeypatch.setattr(fast, "GraphedStep", EagerReplay)
+    monkeypatch.setattr(fast, "resolve_fast", lambda *args: FastSettings(cuda_graph=True))
+    cfg = compose_cfg(*smoke_overrides, "model=simple", "trainer.max_epochs=3")
+    data = ImageDataModule(cfg.data, cfg.pretrain.batch_size, cfg.seed)
+    data.setup()
+    L.seed_everything(cfg.seed, verbose=False)
+    module = autoencoder_module(cfg)
+    _, history, _ = fit_best(module, data, cfg.trainer, False, tmp_path / "ae.ckpt")
+    assert isinstance(module._graph, EagerReplay)
+    assert [row["train_loss"] for row in history.rows] == pytest.approx(plain_epoch_losses(cfg, data, 3), rel=1e-4)
+
+
 @CUDA
 def test_cuda_graph_step_gives_the_eager_loss_curve(tiny_raw, smoke_overrides, tmp_path):
     curves = {}
     for graph in (False, True):
-        cfg = compose_cfg(*smoke_overrides, "model=conv", "trainer.accelerator=gpu", "trainer.max_epochs=3",
+        cfg = compose_cfg(*smoke_overrides, "model=conv", "trainer.accelerator=gpu", "trainer.max_epochs=4",
                           "trainer.precision=32-true", f"trainer.fast.cuda_graph={str(graph).lower()}")
         data = ImageDataModule(cfg.data, cfg.pretrain.batch_size, cfg.seed)
         L.seed_everything(cfg.seed, verbose=False)

@@ -3,7 +3,7 @@
 stages run it (``fit_best``: Lightning, resident DataModule, ``trainer.fast``, checkpointing, validation, MLflow logging: one
 ``bench_<model>`` run with a child run per precision).
 
-    python -m aelab.bench [--models deep conv segnet] [--epochs N] [--precision auto bf16-mixed] [override ...]
+    python -m aelab.bench [--models deep conv segnet] [--epochs N] [--precision auto,bf16-mixed] [override ...]
 
 Overrides are Hydra overrides of ``conf/`` (e.g. ``data.train_limit=5000``). Every epoch of every path is a full
 pass over the training split plus a forward pass over the validation split; the reported time is the median epoch
@@ -194,10 +194,12 @@ def bench_model(name: str, overrides: list[str], epochs: int | None, precisions:
         result["b_cuda_graph_step"] = measure("(b) CUDA-graph step", plain(True), device, samples)
     result["c_project"] = {}
     probe = make()
+    resolved = dict.fromkeys(resolve_precision(OmegaConf.merge(trainer_cfg, {"precision": p}), probe)
+                             for p in precisions)
     with start_run(cfg, f"bench_{name}"):
-        for precision in precisions:
-            resolved = resolve_precision(OmegaConf.merge(trainer_cfg, {"precision": precision}), probe)
-            result["c_project"][resolved] = measure(f"(c) project, {resolved}", project(resolved), device, samples)
+        for precision in resolved:
+            result["c_project"][precision] = measure(f"(c) project, {precision}", project(precision), device,
+                                                     samples)
     default = resolve_precision(trainer_cfg, probe)
     c = result["c_project"].get(default) or next(iter(result["c_project"].values()))
     result["ratio_c_over_a"] = round(c["median_epoch_s"] / result["a_plain_loop"]["median_epoch_s"], 3)
@@ -223,13 +225,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["deep", "conv"])
     parser.add_argument("--epochs", type=int, default=None, help="epochs per path (default: the config's)")
-    parser.add_argument("--precision", nargs="+", default=["auto"], help="precisions of the project's path")
+    parser.add_argument("--precision", default="auto", help="comma-separated precisions of the project's path")
     parser.add_argument("--out", default="reports/bench")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/")
     args = parser.parse_args(argv)
     results = []
     for name in args.models:
-        result = bench_model(name, args.overrides, args.epochs, args.precision)
+        result = bench_model(name, args.overrides, args.epochs, args.precision.split(","))
         write_json(Path(args.out) / f"{name}.json", result)
         results.append(result)
     return results

@@ -72,12 +72,19 @@ class FastPath(Callback):
 class GraphedStep:
     """``fn(*batch)`` (forward, loss, backward; returns a dict of detached tensors) captured in one CUDA graph.
 
-    Calling it copies a batch of the captured shapes into the graph's static inputs and replays it; the outputs
-    and the parameters' ``.grad`` are overwritten in place on every replay.
+    Calling it copies a batch of the captured shapes into the graph's static inputs and replays it: the outputs and
+    the gradients are written into the tensors the capture allocated, and those gradients are attached to the
+    parameters again (Lightning releases ``.grad`` before every validation loop; without this the optimizer would
+    step on gradients no replay writes any more).
     """
 
     def __init__(self, fn, batch: tuple[torch.Tensor, ...], module: nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.inputs = tuple(t.clone() for t in batch)
+        self.outputs = self._capture(fn, module)
+        self.grads = [p.grad for p in self.params]
+
+    def _capture(self, fn, module: nn.Module) -> dict[str, torch.Tensor]:
         buffers = [b.clone() for b in module.buffers()]  # warm-up must not move BatchNorm's running statistics
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -87,11 +94,14 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         for buffer, saved in zip(module.buffers(), buffers):
             buffer.copy_(saved)
-        for p in module.parameters():
+        for p in self.params:
             p.grad = None  # the captured backward allocates the gradients and then writes them on every replay
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), _uncached_autocast():
-            self.outputs = fn(*self.inputs)
+            return fn(*self.inputs)
+
+    def _replay(self) -> None:
+        self.graph.replay()
 
     def shapes_match(self, batch: tuple[torch.Tensor, ...]) -> bool:
         return all(a.shape == b.shape for a, b in zip(self.inputs, batch))
@@ -99,7 +109,9 @@ class GraphedStep:
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         for static, t in zip(self.inputs, batch):
             static.copy_(t)
-        self.graph.replay()
+        self._replay()
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
         return self.outputs
 
 
