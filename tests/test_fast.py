@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import mlflow
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -10,7 +11,8 @@ from omegaconf import OmegaConf
 from aelab.data.images import ImageDataModule
 from aelab.lit.autoencoder import autoencoder_module
 from aelab.lit import fast
-from aelab.lit.fast import FastSettings, GraphedStep, resolve_fast
+from aelab.lit.fast import FastSettings, GraphedStep, TrainingDiverged, resolve_fast
+from aelab.stages import pretrain
 from aelab.lit.segmentation import SegmentationModule
 from aelab.lit.trainer import fit_best, resolve_precision
 from conftest import compose_cfg
@@ -125,3 +127,13 @@ def test_cuda_graph_step_gives_the_eager_loss_curve(tiny_raw, smoke_overrides, t
         module, history, _ = fit_best(autoencoder_module(cfg), data, cfg.trainer, False, tmp_path / f"{graph}.ckpt")
         curves[graph] = [row["train_loss"] for row in history.rows]
     assert curves[True] == pytest.approx(curves[False], rel=2e-3)
+
+
+def test_divergence_fails_the_stage_and_keeps_nothing(tiny_raw, smoke_overrides):
+    cfg = compose_cfg(*smoke_overrides, "pretrain.optim.name=sgd", "pretrain.optim.lr=1e4", "trainer.max_epochs=2")
+    with pytest.raises(TrainingDiverged, match=r"training diverged in epoch 0 .*learning rate 10000"):
+        pretrain.main(cfg)
+    assert not (tiny_raw / "reports/metrics/pretrain.json").exists()
+    assert not (tiny_raw / "models").exists()  # no NaN checkpoint, no temporary folder
+    run = mlflow.search_runs(experiment_names=["aelab"], output_format="list")[0]
+    assert run.data.tags["stage"] == "pretrain" and run.info.status == "FAILED"

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from aelab.paths import atomic_path, write_csv
-from aelab.tracking import tracking_uri
+from aelab.tracking import tracking_uri, use_experiment
 
 
 def epochs_to_target(val_losses: list[float], target: float) -> int | None:
@@ -90,7 +90,7 @@ class MlflowSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         mlflow.set_tracking_uri(tracking_uri(config))
-        mlflow.set_experiment(config.mlflow.experiment)
+        use_experiment(config.mlflow.experiment)
         overrides = " ".join(config.hydra.overrides.task)
         mlflow.start_run(run_name=f"sweep: {overrides}", tags={"stage": "sweep", "sweep_dir": config.hydra.sweep.dir})
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import socket
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,15 +13,90 @@ from typing import TYPE_CHECKING
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
+
+from aelab.interrupts import StageInterrupted, signals_interrupt
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import MLFlowLogger
 
 
+SQLITE = "sqlite:///"
+DVC_EXP_TMP = (".dvc", "tmp", "exps")  # where `dvc exp run --temp` / `--queue` run a copy of the project
+
+
+def project_root() -> Path:
+    """The project a stage belongs to: ``DVC_ROOT`` (which DVC sets for stage commands) or the working directory,
+    and for an experiment DVC runs in a temporary copy (``<project>/.dvc/tmp/exps/...``), the project holding it."""
+    root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - len(DVC_EXP_TMP) + 1):
+        if parts[i:i + len(DVC_EXP_TMP)] == DVC_EXP_TMP:
+            return Path(*parts[:i])
+    return root
+
+
 def tracking_uri(cfg: DictConfig) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the config's (a sqlite file: MLflow >= 3.13 refuses the file store)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    """``MLFLOW_TRACKING_URI`` if set, else the config's (a sqlite file: MLflow >= 3.13 refuses the file store).
+
+    A relative sqlite path is the project's (``project_root``): runs of ``dvc exp run --temp`` or ``--queue`` land in
+    the project's store, not in one deleted with DVC's temporary copy.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/") and uri != SQLITE + ":memory:":
+        return SQLITE + str(project_root() / uri[len(SQLITE):])
+    return uri
+
+
+def prepare_store(uri: str) -> None:
+    """Create or upgrade a local sqlite store once, under a file lock beside it: MLflow's schema migration breaks
+    (and leaves the database unusable) when several stages start on a new database at once."""
+    if not uri.startswith(SQLITE) or uri == SQLITE + ":memory:":
+        return
+    db = Path(uri[len(SQLITE):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)  # opening the store creates or migrates its tables
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_stale_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose stage process is gone (SIGKILL, a crashed machine), with
+    their child runs; return their ids."""
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    host = socket.gethostname()
+    stale = {run.info.run_id for run in running if run.data.tags.get("host") == host
+             and run.data.tags.get("pid", "").isdigit() and not process_alive(int(run.data.tags["pid"]))}
+    stale |= {run.info.run_id for run in running if run.data.tags.get("mlflow.parentRunId") in stale}
+    for run_id in stale:
+        client.set_tag(run_id, "closed_by", "a later stage: the process of this run was gone")
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    return sorted(stale)
+
+
+def use_experiment(name: str) -> None:
+    """Make ``name`` the active experiment; a new one in a local sqlite store keeps its artifacts in the project's
+    ``mlruns/`` (MLflow's default is relative to whichever directory first created it)."""
+    if mlflow.get_experiment_by_name(name) is None and mlflow.get_tracking_uri().startswith(SQLITE):
+        try:
+            mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+        except MlflowException:
+            pass  # created meanwhile by a stage that started at the same time
+    mlflow.set_experiment(name)
 
 
 def git_commit() -> str:
@@ -52,22 +129,36 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 @contextmanager
 def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, dataset: str | None = None):
-    """An MLflow run for one stage, tagged with stage, git commit, dataset (``data.name`` unless given) and
-    dataset manifest hash, config logged. Inside a Hydra multirun it is a child of the sweep's parent run
-    (see aelab.sweep) and carries the job's overrides."""
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(cfg.mlflow.experiment)
-    tags = {"stage": stage, "git_commit": git_commit(), "dataset": dataset or cfg.data.name}
+    """An MLflow run for one stage, tagged with stage, git commit, dataset (``data.name`` unless given), dataset
+    manifest hash, host and process id, config logged. Inside a Hydra multirun it is a child of the sweep's parent
+    run (see aelab.sweep) and carries the job's overrides.
+
+    The store is prepared under a lock first and runs left RUNNING by dead processes are closed as KILLED. SIGTERM
+    or SIGINT inside the block ends the run as KILLED and exits 128 + the signal (``aelab.interrupts``)."""
+    uri = tracking_uri(cfg)
+    prepare_store(uri)
+    mlflow.set_tracking_uri(uri)
+    use_experiment(cfg.mlflow.experiment)
+    close_stale_runs(mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
+    tags = {"stage": stage, "git_commit": git_commit(), "dataset": dataset or cfg.data.name,
+            "host": socket.gethostname(), "pid": str(os.getpid())}
     if manifest is not None:
         tags["dataset_manifest_sha256"] = file_hash(manifest)
     parent = mlflow.active_run()
     if parent is not None and HydraConfig.initialized():
         tags["sweep_overrides"] = " ".join(HydraConfig.get().overrides.task)
-    with mlflow.start_run(run_name=tags.get("sweep_overrides", stage), tags=tags, nested=parent is not None) as run:
+    with signals_interrupt(), mlflow.start_run(run_name=tags.get("sweep_overrides", stage), tags=tags,
+                                               nested=parent is not None) as run:
         config = OmegaConf.to_container(cfg, resolve=True)
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.yaml")
-        yield run
+        try:
+            yield run
+        except StageInterrupted:
+            while mlflow.active_run() is not None and mlflow.active_run().info.run_id != run.info.run_id:
+                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))  # child runs the signal cut short
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
 
 
 def lightning_logger(cfg: DictConfig, run) -> MLFlowLogger:

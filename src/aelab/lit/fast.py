@@ -10,7 +10,9 @@ Python, and from Lightning's loop, the GPU mostly waits for the host. So, on CUD
 - ``channels_last``: the memory layout cuDNN's convolutions prefer (modules with convolutions only).
 
 Whatever the switches, the training losses are summed on the device and logged once per epoch (their mean over
-the epoch's samples, as Lightning's ``on_epoch`` logging gives), so no step waits for the GPU to report a number.
+the epoch's samples, as Lightning's ``on_epoch`` logging gives), so no step waits for the GPU to report a number;
+every ``FINITE_CHECK_EVERY`` steps the sums are checked, and a NaN or infinite loss stops training with
+:class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN handles, autograd's buffers)
+FINITE_CHECK_EVERY = 20  # training steps between checks that the loss is finite (a check waits for the GPU)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite: training stops, and the stage fails, keeping no checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,19 @@ class FastModule(L.LightningModule):
             super().backward(loss, *args, **kwargs)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if batch_idx + 1 == self.trainer.num_training_batches:
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        if last or (batch_idx + 1) % FINITE_CHECK_EVERY == 0:
+            self._check_finite(batch_idx)
+        if last:
             for name, value in zip(self._keys, self._sums / self._samples):
                 self.log(name, value, on_step=False, on_epoch=True, prog_bar=name == "train_loss")
+
+    def _check_finite(self, batch_idx: int) -> None:
+        """Raise TrainingDiverged when a loss summed so far this epoch is not finite."""
+        sums = self._sums.cpu()
+        if not torch.isfinite(sums).all():
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            values = ", ".join(f"{k} = {v:g}" for k, v in zip(self._keys, sums.tolist()))
+            raise TrainingDiverged(f"training diverged in epoch {self.current_epoch} by batch {batch_idx + 1} of "
+                                   f"{self.trainer.num_training_batches} ({values}, learning rate {lr:g}): training "
+                                   "stopped and no checkpoint kept; lower the learning rate or check the inputs")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from aelab.lit.fast import FastPath
+from aelab.paths import atomic_path
 
 
 PROGRESS_EVERY = 10  # batches between progress-bar redraws (a redraw per step costs the GPU its lead)
@@ -103,13 +104,12 @@ def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, train
     Returns that checkpoint reloaded in eval mode (on the GPU if there is one), the per-epoch history of ``keys``
     and the best monitored value.
     """
-    ckpt = Path(ckpt)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ckpt.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="aelab-fit-") as tmp:  # not in the stage's outputs: a kill leaves none
         best = ModelCheckpoint(dirpath=tmp, filename="best", monitor=monitor, mode=mode, save_top_k=1)
         history = EpochHistory(keys)
         build_trainer(trainer_cfg, module, logger, [best, history]).fit(module, datamodule=datamodule)
-        os.replace(best.best_model_path, ckpt)
+        with atomic_path(ckpt) as part:
+            shutil.copyfile(best.best_model_path, part)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return (type(module).load_from_checkpoint(ckpt, map_location=device).eval(), history,
             float(best.best_model_score))

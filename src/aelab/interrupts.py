@@ -1,0 +1,44 @@
+"""SIGTERM (``timeout``, make, CI, a scheduler) and SIGINT (Ctrl+C) stop a stage as a failure, never as success.
+
+Within :func:`signals_interrupt` either signal raises :class:`StageInterrupted` in the main thread, so the stage
+unwinds (its MLflow run marked KILLED, its outputs not published) and the process exits with 128 + the signal's
+number, as a shell reports a process killed by it. Lightning's own SIGTERM handler (which would end the fit and
+exit 0) runs first and then hands over to this one.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StageInterrupted(BaseException):
+    """A stopping signal arrived. A BaseException, like KeyboardInterrupt: ``except Exception`` does not catch it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise(signum: int, frame) -> None:
+    raise StageInterrupted(signum)
+
+
+@contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGINT raise StageInterrupted inside the block; one that ends it exits the process with
+    128 + the signal's number. Outside the main thread (where Python delivers no signals) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
+    try:
+        yield
+    except StageInterrupted as err:
+        raise SystemExit(128 + err.signum) from err
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,128 @@
+"""Where runs land: the project's store, also from the temporary copies `dvc exp run --temp` / `--queue` use."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from aelab.tracking import project_root, start_run, tracking_uri
+from conftest import compose_cfg
+
+
+def test_project_root_is_the_project_holding_dvcs_temporary_copy(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert project_root() == tmp_path.resolve()
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpk3x9" / "sub"
+    copy.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(copy.parent))
+    assert project_root() == tmp_path.resolve()
+
+
+def test_relative_sqlite_uris_are_the_projects_and_others_pass_through(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    cfg = compose_cfg()
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    for uri in ("sqlite:////abs/store.db", "http://127.0.0.1:5000", "postgresql://db/mlflow"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert tracking_uri(cfg) == uri
+
+
+def test_a_run_in_dvcs_temporary_copy_lands_in_the_projects_store(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    copy = project / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(copy))  # what DVC sets for a stage command in the copy
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_cfg("mlflow.experiment=temp-runs")
+    with start_run(cfg, "pretrain") as run:
+        mlflow.log_metric("loss", 0.5)
+        mlflow.log_text("kept", "note.txt")
+    mlflow.set_tracking_uri("sqlite:///:memory:")  # let go of the store before the copy is deleted
+    assert not (copy / "mlflow.db").exists() and not (copy / "mlruns").exists()
+    stored = MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(run.info.run_id)
+    assert stored.data.metrics["loss"] == 0.5 and stored.info.status == "FINISHED"
+    artifacts = Path(stored.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(project / "mlruns") and (artifacts / "note.txt").read_text() == "kept"
+
+
+def statuses(client: MlflowClient, *runs) -> list[str]:
+    return [client.get_run(run.info.run_id).info.status for run in runs]
+
+
+def test_runs_left_running_by_dead_processes_are_closed_as_killed(workdir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.set_experiment("aelab").experiment_id
+    client = MlflowClient()
+    here = socket.gethostname()
+    stale = client.create_run(experiment, tags={"host": here, "pid": str(dead.pid)})  # SIGKILLed stage
+    child = client.create_run(experiment, tags={"mlflow.parentRunId": stale.info.run_id})
+    alive = client.create_run(experiment, tags={"host": here, "pid": str(os.getpid())})
+    elsewhere = client.create_run(experiment, tags={"host": "another-machine", "pid": str(dead.pid)})
+    with start_run(compose_cfg(), "features"):
+        pass
+    assert statuses(client, stale, child, alive, elsewhere) == ["KILLED", "KILLED", "RUNNING", "RUNNING"]
+
+
+STARTER = """
+import sys
+import mlflow
+from aelab.tracking import prepare_store, use_experiment
+prepare_store(sys.argv[1])
+mlflow.set_tracking_uri(sys.argv[1])
+use_experiment("together")
+with mlflow.start_run():
+    mlflow.log_metric("x", 1.0)
+"""
+
+
+def test_stages_starting_together_on_a_new_store_all_succeed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    starters = [subprocess.Popen([sys.executable, "-c", STARTER, uri], stderr=subprocess.PIPE, text=True)
+                for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in starters]
+    assert [p.returncode for p in starters] == [0, 0, 0], errors
+    assert len(MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("together").experiment_id])) == 3
+
+
+def test_sigterm_during_training_fails_the_stage_and_kills_its_run(tiny_raw, smoke_overrides):
+    overrides = [o for o in smoke_overrides if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1000"]
+    stage = subprocess.Popen([sys.executable, "-m", "aelab.stages.pretrain", *overrides], cwd=tiny_raw,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    db = tiny_raw / "mlflow.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not training_started(db):
+        assert stage.poll() is None, stage.stderr.read()
+        time.sleep(0.5)
+    time.sleep(2)
+    stage.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=120) == 128 + signal.SIGTERM
+    run = MlflowClient(f"sqlite:///{db}").search_runs(
+        [MlflowClient(f"sqlite:///{db}").get_experiment_by_name("aelab").experiment_id])[0]
+    assert run.info.status == "KILLED"
+    assert not (tiny_raw / "reports/metrics/pretrain.json").exists()
+    assert not (tiny_raw / "models/pretrain/ae.ckpt").exists()
+
+
+def training_started(db: Path) -> bool:
+    """Whether the stage's run has logged an epoch metric (its first training epoch is under way or done)."""
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("SELECT count(*) FROM metrics WHERE key = 'train_loss'").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # tables not created yet
+        return False
