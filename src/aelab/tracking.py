@@ -18,7 +18,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from aelab.interrupts import StageInterrupted, signals_interrupt
+from aelab.interrupts import StageInterrupted, process_alive, signals_interrupt
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import MLFlowLogger
@@ -61,16 +61,6 @@ def prepare_store(uri: str) -> None:
     with open(f"{db}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         MlflowClient(uri).search_experiments(max_results=1)  # opening the store creates or migrates its tables
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def close_stale_runs(experiment_id: str) -> list[str]:

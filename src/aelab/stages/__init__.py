@@ -2,20 +2,76 @@
 
 Under ``dvc repro`` the stages read the composed ``params.yaml`` (see dvc.yaml); run by hand they compose
 ``conf/`` directly, so config groups can be swept: ``python -m aelab.stages.pretrain -m model=simple,deep,conv``.
+
+A stage's ``main`` is wrapped in :func:`publishes_outputs`: it writes under ``output_root()``, a staging folder,
+and its outputs are moved into place together when it returns; a stage that fails publishes none of them.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import tempfile
+from contextvars import ContextVar
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from aelab.interrupts import process_alive
+
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+STAGING_PREFIX = ".aelab-staging-"
+_staging: ContextVar[Path | None] = ContextVar("aelab_staging", default=None)
 
 
-def output_root() -> Path:
+def final_root() -> Path:
     """``.`` for a single run (DVC's declared outs); the job's own folder in a Hydra multirun, so jobs don't clash."""
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(".")
+
+
+def output_root() -> Path:
+    """Where a stage writes its outputs: its staging folder while it runs (see ``publishes_outputs``), else
+    ``final_root()``."""
+    return _staging.get() or final_root()
+
+
+def publishes_outputs(main):
+    """Run a stage's ``main(cfg)`` with its writes staged in a folder beside its outputs; move every file into place
+    when it returns, so a failing stage leaves the previous outputs as they were (and none half-new). Staging
+    folders left by killed processes are removed first."""
+    @functools.wraps(main)
+    def run(cfg):
+        final = final_root()
+        final.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(final)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=final))
+        token = _staging.set(staging)
+        try:
+            result = main(cfg)
+            publish(staging, final)
+            return result
+        finally:
+            _staging.reset(token)
+            shutil.rmtree(staging, ignore_errors=True)
+    return run
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Move every file under ``staging`` to the same place under ``final`` (renames on one file system)."""
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        target = final / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def remove_stale_staging(final: Path) -> None:
+    """Remove the staging folders under ``final`` whose process is gone."""
+    for folder in final.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+

@@ -36,7 +36,7 @@ from aelab.figures import roc_panels
 from aelab.lit.autoencoder import AutoencoderModule, autoencoder_module
 from aelab.lit.trainer import fit_best
 from aelab.paths import atomic_path, require, write_csv, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.sweep import markdown_table
 from aelab.tracking import flatten, lightning_logger, start_run
 
@@ -100,6 +100,7 @@ def run_class(cfg: DictConfig, name: str, train: np.ndarray, x_test: np.ndarray,
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()

@@ -29,7 +29,7 @@ from aelab.lit.image2image import ImageToImageModule
 from aelab.lit.trainer import fit_best
 from aelab.metrics import ImageQuality, colorfulness
 from aelab.paths import require, write_csv, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import flatten, lightning_logger, start_run
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def evaluate(module: ImageToImageModule, l_in: torch.Tensor, ab: torch.Tensor, r
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()

@@ -29,7 +29,7 @@ from aelab.lit.image2image import ImageToImageModule
 from aelab.lit.trainer import fit_best
 from aelab.metrics import ImageQuality
 from aelab.paths import require, write_csv, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import flatten, lightning_logger, start_run
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def gains(result: dict) -> dict[str, float]:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()

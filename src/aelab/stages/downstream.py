@@ -25,7 +25,7 @@ from aelab.config import validate
 from aelab.data.catalog import get_spec
 from aelab.data.images import load_split, raw_dir
 from aelab.paths import atomic_path, require, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import start_run
 from aelab.xgb import xgb_device
 
@@ -60,6 +60,7 @@ def fit_and_score(cfg: DictConfig, device: str, x_train, y_train, x_test,
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     device = xgb_device(cfg.downstream.device, "downstream.device")

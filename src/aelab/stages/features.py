@@ -25,7 +25,7 @@ from aelab.data.images import load_split, raw_dir, split_indices, to_tensor
 from aelab.figures import image_rows
 from aelab.lit.autoencoder import AutoencoderModule, encode
 from aelab.paths import atomic_path, require, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def save_features(path, train: np.ndarray, test: np.ndarray, y_train: np.ndarray
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()

@@ -25,13 +25,14 @@ from aelab.data.catalog import image_set
 from aelab.data.color import photo_patches, read_cifar
 from aelab.data.download import DownloadError, download_dataset
 from aelab.paths import atomic_path, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import start_run
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     d = cfg.colorize.data

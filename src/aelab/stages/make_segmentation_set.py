@@ -18,13 +18,14 @@ from aelab.data.catalog import get_spec
 from aelab.data.images import load_split, raw_dir
 from aelab.data.segmentation import generate_sets, save_generated
 from aelab.paths import require
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import file_hash, start_run
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     gen = cfg.segment.generate

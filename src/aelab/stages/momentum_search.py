@@ -21,7 +21,7 @@ from aelab.config import validate
 from aelab.data.images import raw_dir
 from aelab.paths import require, write_json
 from aelab.search import log_grid, run_search, search_data, search_losses
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def with_momentum(optim: dict, momentum: float) -> dict:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()

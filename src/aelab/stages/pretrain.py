@@ -19,13 +19,14 @@ from aelab.figures import image_rows
 from aelab.lit.autoencoder import autoencoder_module
 from aelab.lit.trainer import fit_best, score_test_split
 from aelab.paths import require, write_csv, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import lightning_logger, start_run
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()

@@ -29,7 +29,7 @@ from aelab.lit.autoencoder import autoencoder_module, encode
 from aelab.lit.trainer import fit_best, score_test_split
 from aelab.models.penalties import code_sparsity
 from aelab.paths import atomic_path, require, write_csv, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.sweep import compare, markdown_table
 from aelab.tracking import lightning_logger, start_run
 from aelab.xgb import xgb_device
@@ -81,6 +81,7 @@ def train_variant(name: str, vcfg: DictConfig, workdir: str) -> tuple[dict, list
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> list[dict]:
     validate(cfg)
     device = xgb_device(cfg.regularization.xgb_device, "regularization.xgb_device")  # fails here if it cannot run

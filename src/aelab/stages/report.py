@@ -30,7 +30,7 @@ from aelab.config import validate
 from aelab.data.images import raw_dir
 from aelab.figures import plt
 from aelab.paths import atomic_path
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.stages.report_template import PAGE
 from aelab.tracking import git_commit, start_run
 
@@ -408,6 +408,7 @@ def build(cfg: DictConfig, root: Path = Path(".")) -> tuple[str, dict[str, str]]
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict[str, str]:
     validate(cfg)
     out = output_root() / OUT

@@ -29,7 +29,7 @@ from aelab.data.segmentation import SegmentationDataModule
 from aelab.lit.segmentation import SegmentationModule
 from aelab.lit.trainer import fit_best, score_test_split
 from aelab.paths import write_csv, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import lightning_logger, start_run
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def overlays(module: SegmentationModule, data: SegmentationDataModule, n: int) -
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()

@@ -33,7 +33,7 @@ from aelab.data.tabular import Table, check_folds, load_table
 from aelab.lit.autoencoder import AutoencoderModule
 from aelab.models.penalties import code_sparsity
 from aelab.paths import atomic_path, write_json
-from aelab.stages import CONF_DIR, output_root
+from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import flatten, start_run
 from aelab.xgb import xgb_device
 
@@ -128,6 +128,7 @@ def summarize(table: Table, params: dict, rows: list[dict[str, float]]) -> dict:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@publishes_outputs
 def main(cfg: DictConfig) -> dict:
     validate(cfg)
     root = output_root()
