@@ -70,6 +70,7 @@ class TrainerCfg(_Section):
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"]
     limit_train_batches: PositiveFloat | PositiveInt
     enable_progress_bar: bool
+    resume: Literal["auto", "never"]
     fast: FastCfg
 
 

@@ -20,18 +20,21 @@ class ResidentBatches:
     """Batches of ``batch_size`` rows of ``tensors`` (same first dimension), on ``device``.
 
     With ``shuffle`` every iteration (epoch) visits all rows once in a new order: a permutation drawn from a CPU
-    generator seeded with ``seed`` + the epoch number, so the order does not depend on the device. Without it the
+    generator seeded with ``seed`` + the epoch number, so the order does not depend on the device. The epoch number
+    is ``epoch_of()`` when given (a Trainer's, so a resumed training continues the sequence of orders), else the
+    count of iterations so far. Without it the
     batches are plain slices in row order. ``prepare`` turns a batch of stored rows into the model's batch (e.g.
     uint8 -> float), on the device.
     """
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool = False, seed: int = 0,
-                 device: torch.device | str = "cpu", prepare: Callable[..., tuple] | None = None):
+                 device: torch.device | str = "cpu", prepare: Callable[..., tuple] | None = None,
+                 epoch_of: Callable[[], int] | None = None):
         if len({len(t) for t in tensors}) != 1:
             raise ValueError(f"tensors of different lengths: {[len(t) for t in tensors]}")
         self.tensors = tuple(t.to(device) for t in tensors)
         self.batch_size, self.shuffle, self.seed, self.prepare = batch_size, shuffle, seed, prepare
-        self.epoch = 0
+        self.epoch_of, self.epoch = epoch_of, 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.tensors[0]) / self.batch_size)
@@ -40,7 +43,8 @@ class ResidentBatches:
         n = len(self.tensors[0])
         order = None
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            epoch = self.epoch if self.epoch_of is None else self.epoch_of()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
             order = order.to(self.tensors[0].device)
             self.epoch += 1
         for start in range(0, n, self.batch_size):
@@ -58,6 +62,12 @@ def loader_device(datamodule) -> torch.device:
     return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
 
+def trainer_epoch(datamodule) -> Callable[[], int] | None:
+    """The current epoch of the Trainer a DataModule is attached to, as ``ResidentBatches``'s ``epoch_of``."""
+    trainer = getattr(datamodule, "trainer", None)
+    return (lambda: trainer.current_epoch) if trainer is not None else None
+
+
 class ResidentDataModule(L.LightningDataModule):
     """``train_set``/``val_set``/``test_set`` (TensorDatasets, set here or by a subclass's ``setup``) served as
     :class:`ResidentBatches` on the Trainer's device; the training batches reshuffled every epoch from ``seed``."""
@@ -68,13 +78,14 @@ class ResidentDataModule(L.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
         self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
 
-    def batches(self, split: str, device: torch.device | str) -> ResidentBatches:
+    def batches(self, split: str, device: torch.device | str,
+                epoch_of: Callable[[], int] | None = None) -> ResidentBatches:
         """The ``train`` (shuffled), ``val`` or ``test`` split as batches on ``device``."""
         dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
-        return ResidentBatches(dataset.tensors, self.batch_size, split == "train", self.seed, device)
+        return ResidentBatches(dataset.tensors, self.batch_size, split == "train", self.seed, device, epoch_of=epoch_of)
 
     def train_dataloader(self) -> ResidentBatches:
-        return self.batches("train", loader_device(self))
+        return self.batches("train", loader_device(self), trainer_epoch(self))
 
     def val_dataloader(self) -> ResidentBatches:
         return self.batches("val", loader_device(self))

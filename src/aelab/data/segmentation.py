@@ -13,6 +13,7 @@ each annotation a single-channel PNG of class indices with the image's file stem
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from aelab.data.resident import ResidentBatches, loader_device
+from aelab.data.resident import ResidentBatches, loader_device, trainer_epoch
 from aelab.paths import atomic_path, require, write_json
 
 SPLITS = ("train", "val", "test")
@@ -275,15 +276,17 @@ class SegmentationDataModule(L.LightningDataModule):
         masks = (train.mask(i) for i in range(len(train)))
         return median_frequency_weights(masks, len(self.info["classes"]), self.info["ignore_index"])
 
-    def batches(self, split: str, device: torch.device | str) -> ResidentBatches:
+    def batches(self, split: str, device: torch.device | str,
+                epoch_of: Callable[[], int] | None = None) -> ResidentBatches:
         """The generated ``split`` as resident batches on ``device`` (``train`` reshuffled every epoch)."""
         data = self.sets[split]
         return ResidentBatches((torch.from_numpy(data.images), torch.from_numpy(data.masks)), self.batch_size,
-                               split == "train", self.seed, device, prepare=_float_image_long_mask)
+                               split == "train", self.seed, device, prepare=_float_image_long_mask,
+                               epoch_of=epoch_of)
 
     def _loader(self, split: str) -> DataLoader | ResidentBatches:
         if self.resident:
-            return self.batches(split, loader_device(self))
+            return self.batches(split, loader_device(self), trainer_epoch(self))
         return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=split == "train",
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

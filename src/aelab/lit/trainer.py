@@ -1,7 +1,10 @@
-"""The Lightning Trainer as the config describes it, and a callback that keeps per-epoch metrics."""
+"""The Lightning Trainer as the config describes it, a callback that keeps per-epoch metrics, and the fit that keeps
+the best checkpoint (and resumes an interrupted one)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
 import time
@@ -10,11 +13,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
 
-from aelab.lit.fast import FastPath
-from aelab.paths import atomic_path
+from aelab.lit.fast import FastPath, TrainingDiverged
+from aelab.paths import atomic_path, write_json
 
-
+RESUME_ROOT = Path(".aelab-resume")  # interrupted fits' checkpoints (trainer.resume)
 PROGRESS_EVERY = 10  # batches between progress-bar redraws (a redraw per step costs the GPU its lead)
 
 
@@ -88,6 +92,12 @@ class EpochHistory(Callback):
         row.update({k: round(float(metrics[k]), 6) for k in self.keys if k in metrics})
         self.rows.append(row)
 
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}  # saved in checkpoints: a resumed fit keeps the epochs before the interruption
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict["rows"])
+
     def summary(self, module: L.LightningModule) -> dict:
         """Epochs, training wall time, mean epoch time and ``module``'s parameter count, for a stage's metrics."""
         return {"epochs": len(self.rows), "train_seconds": round(self.fit_seconds, 1),
@@ -95,21 +105,59 @@ class EpochHistory(Callback):
                 "n_params": sum(t.numel() for t in module.parameters())}
 
 
+def resume_folder(cfg: DictConfig, stage: str) -> Path:
+    """Where ``stage``'s fit under the resolved ``cfg`` keeps its checkpoints until it completes: one folder per
+    stage and config (the config names the data; the download stage verifies its content), so a rerun with anything
+    changed starts afresh. Outside the stage's outputs, which ``dvc repro`` deletes before it runs a stage."""
+    config = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    return RESUME_ROOT / f"{stage}-{hashlib.sha256(config.encode()).hexdigest()[:16]}"
+
+
 def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_cfg, logger, ckpt: Path | str,
-             keys: tuple[str, ...] = ("train_loss", "val_loss"), monitor: str = "val_loss",
-             mode: str = "min") -> tuple[L.LightningModule, EpochHistory, float]:
+             keys: tuple[str, ...] = ("train_loss", "val_loss"), monitor: str = "val_loss", mode: str = "min",
+             resume: Path | None = None) -> tuple[L.LightningModule, EpochHistory, float]:
     """Fit ``module``; keep the checkpoint with the lowest ``val_loss`` (or the ``mode`` of ``monitor``) at ``ckpt``
     (nothing else is left behind).
+
+    With a ``resume`` folder (``resume_folder``) and ``trainer.resume=auto``, the best and the last epoch's
+    checkpoints are kept there while training: a fit that was interrupted continues from its last completed epoch
+    (weights, optimizer, epoch count, history, best so far; the MLflow run is tagged with the run it continues), and
+    the folder is removed once the fit completes or diverges. Otherwise they live in a temporary folder.
 
     Returns that checkpoint reloaded in eval mode (on the GPU if there is one), the per-epoch history of ``keys``
     and the best monitored value.
     """
-    with tempfile.TemporaryDirectory(prefix="aelab-fit-") as tmp:  # not in the stage's outputs: a kill leaves none
-        best = ModelCheckpoint(dirpath=tmp, filename="best", monitor=monitor, mode=mode, save_top_k=1)
-        history = EpochHistory(keys)
-        build_trainer(trainer_cfg, module, logger, [best, history]).fit(module, datamodule=datamodule)
-        with atomic_path(ckpt) as part:
-            shutil.copyfile(best.best_model_path, part)
+    if resume is None or trainer_cfg.resume == "never":
+        with tempfile.TemporaryDirectory(prefix="aelab-fit-") as tmp:  # not in the stage's outputs: a kill leaves none
+            return _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, Path(tmp), False)
+    try:
+        result = _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, resume, True)
+    except TrainingDiverged:
+        shutil.rmtree(resume, ignore_errors=True)  # nothing to resume from a NaN
+        raise
+    shutil.rmtree(resume, ignore_errors=True)
+    return result
+
+
+def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, folder: Path,
+         resumable: bool) -> tuple[L.LightningModule, EpochHistory, float]:
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                           enable_version_counter=False)
+    history = EpochHistory(keys)
+    callbacks: list[Callback] = [best, history]
+    last, ckpt_path = folder / "last.ckpt", None
+    if resumable:
+        callbacks.append(ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, save_on_train_epoch_end=True,
+                                         enable_version_counter=False))
+        ckpt_path = last if last.exists() else None
+        record = folder / "run.json"
+        if logger and ckpt_path is not None and record.exists():
+            logger.experiment.set_tag(logger.run_id, "resumed_from_run", json.loads(record.read_text())["run_id"])
+        if logger:
+            write_json(record, {"run_id": logger.run_id})
+    build_trainer(trainer_cfg, module, logger, callbacks).fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with atomic_path(ckpt) as part:
+        shutil.copyfile(best.best_model_path, part)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return (type(module).load_from_checkpoint(ckpt, map_location=device).eval(), history,
             float(best.best_model_score))

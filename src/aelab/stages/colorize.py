@@ -26,7 +26,7 @@ from aelab.config import validate
 from aelab.data.color import AB_SCALE, ColorDataModule, to_rgb
 from aelab.figures import image_rows
 from aelab.lit.image2image import ImageToImageModule
-from aelab.lit.trainer import fit_best
+from aelab.lit.trainer import fit_best, resume_folder
 from aelab.metrics import ImageQuality, colorfulness
 from aelab.paths import require, write_csv, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
@@ -72,7 +72,7 @@ def main(cfg: DictConfig) -> dict:
     with start_run(cfg, "colorize", manifest_path, dataset=c.data.dataset) as run:
         mlflow.set_tag("color_source", source)
         module, history, best_val = fit_best(module, data, trainer_cfg, lightning_logger(cfg, run),
-                                             root / c.out_dir / "colorizer.ckpt")
+                                             root / c.out_dir / "colorizer.ckpt", resume=resume_folder(cfg, "colorize"))
 
         l_in, ab = data.test_set.tensors
         result = evaluate(module, l_in, ab, data.test_rgb)

@@ -26,7 +26,7 @@ from aelab.data.images import raw_dir
 from aelab.data.noise import CLASSICAL_FILTERS, NoisyImageDataModule
 from aelab.figures import image_rows
 from aelab.lit.image2image import ImageToImageModule
-from aelab.lit.trainer import fit_best
+from aelab.lit.trainer import fit_best, resume_folder
 from aelab.metrics import ImageQuality
 from aelab.paths import require, write_csv, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> dict:
 
     with start_run(cfg, "denoise", manifest) as run:
         module, history, best_val = fit_best(module, data, trainer_cfg, lightning_logger(cfg, run),
-                                             root / p.out_dir / "denoiser.ckpt")
+                                             root / p.out_dir / "denoiser.ckpt", resume=resume_folder(cfg, "denoise"))
         start = time.perf_counter()
         settings = [(p.noise, p.level), *((p.eval_noise, level) for level in p.eval_levels)]
         results = {setting: evaluate(module, data, *setting, cfg) for setting in dict.fromkeys(settings)}  # once each

@@ -17,7 +17,7 @@ from aelab.config import validate
 from aelab.data.images import ImageDataModule, raw_dir
 from aelab.figures import image_rows
 from aelab.lit.autoencoder import autoencoder_module
-from aelab.lit.trainer import fit_best, score_test_split
+from aelab.lit.trainer import fit_best, resume_folder, score_test_split
 from aelab.paths import require, write_csv, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import lightning_logger, start_run
@@ -39,7 +39,8 @@ def main(cfg: DictConfig) -> dict:
     with start_run(cfg, "pretrain", manifest) as run:
         logger = lightning_logger(cfg, run)
         module, history, best_val = fit_best(module, data, cfg.trainer, logger, ckpt,
-                                             keys=("train_loss", "val_loss", "val_mse"))
+                                             keys=("train_loss", "val_loss", "val_mse"),
+                                             resume=resume_folder(cfg, "pretrain"))
         test = score_test_split(module, data, cfg.trainer, logger)
         rows = history.rows
         metrics = {"best_epoch": min(rows, key=lambda row: row["val_loss"])["epoch"], "best_val_loss": best_val,

@@ -27,7 +27,7 @@ from aelab import figures
 from aelab.config import validate
 from aelab.data.segmentation import SegmentationDataModule
 from aelab.lit.segmentation import SegmentationModule
-from aelab.lit.trainer import fit_best, score_test_split
+from aelab.lit.trainer import fit_best, resume_folder, score_test_split
 from aelab.paths import write_csv, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import lightning_logger, start_run
@@ -77,7 +77,7 @@ def main(cfg: DictConfig) -> dict:
     with start_run(cfg, "segment", data.info["manifest"], dataset=data.info["name"]) as run:
         logger = lightning_logger(cfg, run)
         module, history, best_val_miou = fit_best(module, data, trainer_cfg, logger, ckpt, keys=HISTORY_KEYS,
-                                                  monitor="val_miou", mode="max")
+                                                  monitor="val_miou", mode="max", resume=resume_folder(cfg, "segment"))
         test = score_test_split(module, data, trainer_cfg, logger)
         iou = {name: None if math.isnan(v) else v for name, v in zip(classes, module.test_iou.tolist())}
         rows = history.rows
