@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from aelab.tracking import project_root, start_run, tracking_uri
@@ -98,7 +99,8 @@ def test_stages_starting_together_on_a_new_store_all_succeed(tmp_path):
     assert len(MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("together").experiment_id])) == 3
 
 
-def test_sigterm_during_training_fails_the_stage_and_kills_its_run(tiny_raw, smoke_overrides):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_training_fails_the_stage_and_kills_its_run(tiny_raw, smoke_overrides, signum):
     overrides = [o for o in smoke_overrides if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1000"]
     stage = subprocess.Popen([sys.executable, "-m", "aelab.stages.pretrain", *overrides], cwd=tiny_raw,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -108,8 +110,8 @@ def test_sigterm_during_training_fails_the_stage_and_kills_its_run(tiny_raw, smo
         assert stage.poll() is None, stage.stderr.read()
         time.sleep(0.5)
     time.sleep(2)
-    stage.send_signal(signal.SIGTERM)
-    assert stage.wait(timeout=120) == 128 + signal.SIGTERM
+    stage.send_signal(signum)
+    assert stage.wait(timeout=120) == 128 + signum
     run = MlflowClient(f"sqlite:///{db}").search_runs(
         [MlflowClient(f"sqlite:///{db}").get_experiment_by_name("aelab").experiment_id])[0]
     assert run.info.status == "KILLED"
