@@ -78,15 +78,15 @@ def close_stale_runs(experiment_id: str) -> list[str]:
     return sorted(stale)
 
 
-def use_experiment(name: str) -> None:
-    """Make ``name`` the active experiment; a new one in a local sqlite store keeps its artifacts in the project's
-    ``mlruns/`` (MLflow's default is relative to whichever directory first created it)."""
+def use_experiment(name: str) -> str:
+    """Make ``name`` the active experiment and return its id; a new one in a local sqlite store keeps its artifacts
+    in the project's ``mlruns/`` (MLflow's default is relative to whichever directory first created it)."""
     if mlflow.get_experiment_by_name(name) is None and mlflow.get_tracking_uri().startswith(SQLITE):
         try:
             mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
         except MlflowException:
             pass  # created meanwhile by a stage that started at the same time
-    mlflow.set_experiment(name)
+    return mlflow.set_experiment(name).experiment_id
 
 
 def git_commit() -> str:
@@ -128,8 +128,7 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
     uri = tracking_uri(cfg)
     prepare_store(uri)
     mlflow.set_tracking_uri(uri)
-    use_experiment(cfg.mlflow.experiment)
-    close_stale_runs(mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
+    close_stale_runs(use_experiment(cfg.mlflow.experiment))
     tags = {"stage": stage, "git_commit": git_commit(), "dataset": dataset or cfg.data.name,
             "host": socket.gethostname(), "pid": str(os.getpid())}
     if manifest is not None:
@@ -144,9 +143,7 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
         mlflow.log_dict(config, "config.yaml")
         try:
             yield run
-        except StageInterrupted:
-            while mlflow.active_run() is not None and mlflow.active_run().info.run_id != run.info.run_id:
-                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))  # child runs the signal cut short
+        except StageInterrupted:  # a child run the signal cut short was closed (FAILED) by its own block already
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
 

@@ -22,8 +22,7 @@ class ResidentBatches:
     With ``shuffle`` every iteration (epoch) visits all rows once in a new order: a permutation drawn from a CPU
     generator seeded with ``seed`` + the epoch number, so the order does not depend on the device. The epoch number
     is ``epoch_of()`` when given (a Trainer's, so a resumed training continues the sequence of orders), else the
-    count of iterations so far. Without it the
-    batches are plain slices in row order. ``prepare`` turns a batch of stored rows into the model's batch (e.g.
+    count of iterations so far. Without ``shuffle`` the batches are plain slices in row order. ``prepare`` turns a batch of stored rows into the model's batch (e.g.
     uint8 -> float), on the device.
     """
 

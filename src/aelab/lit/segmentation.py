@@ -50,7 +50,7 @@ class SegmentationModule(FastModule):
         self.model = build_model(model_cfg, in_channels, n)
         self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None)
         self.val_metrics = segmentation_metrics(n, ignore_index)
-        self.score_test_split = segmentation_metrics(n, ignore_index)
+        self.test_metrics = segmentation_metrics(n, ignore_index)
         self.test_confusion = MulticlassConfusionMatrix(n, ignore_index=ignore_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,14 +80,14 @@ class SegmentationModule(FastModule):
     def test_step(self, batch, batch_idx):
         x, y = batch
         pred = self.model(x).argmax(1)
-        self.score_test_split.update(pred, y)
+        self.test_metrics.update(pred, y)
         self.test_confusion.update(pred, y)
 
     def on_test_epoch_end(self) -> None:
-        values = self.score_test_split.compute()
+        values = self.test_metrics.compute()
         self.test_iou = values["iou"].cpu()
         self.log_dict({f"test_{k}": v for k, v in summarize(values).items()})
-        self.score_test_split.reset()
+        self.test_metrics.reset()
 
     def configure_optimizers(self):
         opt = self.make_optimizer("adamw", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

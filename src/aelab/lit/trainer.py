@@ -124,7 +124,7 @@ def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, train
     (weights, optimizer, epoch count, history, best so far; the MLflow run is tagged with the run it continues), and
     the folder is removed once the fit completes or diverges. Otherwise they live in a temporary folder.
 
-    Returns that checkpoint reloaded in eval mode (on the GPU if there is one), the per-epoch history of ``keys``
+    Returns that checkpoint reloaded in eval mode (on the training device), the per-epoch history of ``keys``
     and the best monitored value.
     """
     if resume is None or trainer_cfg.resume == "never":
@@ -158,6 +158,5 @@ def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, fol
     build_trainer(trainer_cfg, module, logger, callbacks).fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     with atomic_path(ckpt) as part:
         shutil.copyfile(best.best_model_path, part)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return (type(module).load_from_checkpoint(ckpt, map_location=device).eval(), history,
+    return (type(module).load_from_checkpoint(ckpt, map_location=train_device(trainer_cfg)).eval(), history,
             float(best.best_model_score))

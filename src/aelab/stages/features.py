@@ -24,6 +24,7 @@ from aelab.data.catalog import get_spec
 from aelab.data.images import load_split, raw_dir, split_indices, to_tensor
 from aelab.figures import image_rows
 from aelab.lit.autoencoder import AutoencoderModule, encode
+from aelab.lit.trainer import train_device
 from aelab.paths import atomic_path, require, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import start_run
@@ -46,8 +47,7 @@ def main(cfg: DictConfig) -> dict:
     root = output_root()
     manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
     ckpt = require(f"{cfg.pretrain.out_dir}/ae.ckpt", "pretrain")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = AutoencoderModule.load_from_checkpoint(ckpt, map_location=device).eval()
+    module = AutoencoderModule.load_from_checkpoint(ckpt, map_location=train_device(cfg.trainer)).eval()
     x_train, y_train = load_split(cfg.data, "train")
     x_test, y_test = load_split(cfg.data, "test")
     fit_idx, _ = split_indices(len(x_train), cfg.data.val_fraction, cfg.seed)  # the images the AE trained on
