@@ -67,6 +67,8 @@ class TrainerCfg(_Section):
     max_epochs: PositiveInt
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"]
     devices: PositiveInt | Literal["auto"]
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"]
+    num_nodes: PositiveInt
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"]
     limit_train_batches: PositiveFloat | PositiveInt
     enable_progress_bar: bool

@@ -18,6 +18,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
+from aelab.distributed import is_main_process
 from aelab.interrupts import StageInterrupted, process_alive, signals_interrupt
 
 if TYPE_CHECKING:
@@ -125,6 +126,9 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
 
     The store is prepared under a lock first and runs left RUNNING by dead processes are closed as KILLED. SIGTERM
     or SIGINT inside the block ends the run as KILLED and exits 128 + the signal (``aelab.interrupts``)."""
+    if not is_main_process(cfg.trainer):
+        yield None  # another rank of a DDP stage: rank 0 alone tracks it
+        return
     uri = tracking_uri(cfg)
     prepare_store(uri)
     mlflow.set_tracking_uri(uri)
@@ -148,12 +152,15 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
             raise
 
 
-def lightning_logger(cfg: DictConfig, run) -> MLFlowLogger:
-    """Lightning's MLflow logger writing into the already started ``run`` (per-epoch metrics).
+def lightning_logger(cfg: DictConfig, run) -> MLFlowLogger | bool:
+    """Lightning's MLflow logger writing into the already started ``run`` (per-epoch metrics); no logger (False)
+    without a run (DDP ranks other than 0).
 
     Lightning is imported here, not at the top: stages without a Lightning fit (download, downstream) skip its import.
     """
     from lightning.pytorch.loggers import MLFlowLogger
 
+    if run is None:
+        return False
     return MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg),
                         run_id=run.info.run_id)

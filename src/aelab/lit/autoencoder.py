@@ -80,7 +80,7 @@ class AutoencoderModule(FastModule):
     def _eval_step(self, batch, prefix: str, mse: torchmetrics.MeanSquaredError) -> None:
         x = batch[0]
         logits = self.model(x)
-        self.log(f"{prefix}_loss", self.reconstruction_loss(logits, x), prog_bar=True)
+        self.log(f"{prefix}_loss", self.reconstruction_loss(logits, x), prog_bar=True, sync_dist=True)
         mse(self.output(logits).flatten(), x.flatten())
         self.log(f"{prefix}_mse", mse)
 

@@ -195,7 +195,8 @@ class FastModule(L.LightningModule):
             self._check_finite(batch_idx)
         if last:
             for name, value in zip(self._keys, self._sums / self._samples):
-                self.log(name, value, on_step=False, on_epoch=True, prog_bar=name == "train_loss")
+                self.log(name, value, on_step=False, on_epoch=True, prog_bar=name == "train_loss",
+                         sync_dist=True)  # DDP: the mean over all ranks
 
     def _check_finite(self, batch_idx: int) -> None:
         """Raise TrainingDiverged when a loss summed so far this epoch is not finite."""

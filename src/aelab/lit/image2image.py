@@ -34,7 +34,7 @@ class ImageToImageModule(FastModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val_loss", self.loss_fn(self(x).float(), y), prog_bar=True)
+        self.log("val_loss", self.loss_fn(self(x).float(), y), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         opt = self.make_optimizer("adam", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from aelab.distributed import is_main_process
 from aelab.lit.fast import FastPath, TrainingDiverged
 from aelab.paths import atomic_path, write_json
 
@@ -49,6 +50,8 @@ def build_trainer(trainer_cfg, module: L.LightningModule, logger, callbacks: lis
         max_epochs=trainer_cfg.max_epochs,
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
+        strategy=trainer_cfg.strategy,
+        num_nodes=trainer_cfg.num_nodes,
         precision=resolve_precision(trainer_cfg, module),
         limit_train_batches=trainer_cfg.limit_train_batches,
         enable_progress_bar=trainer_cfg.enable_progress_bar,
@@ -135,7 +138,8 @@ def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, train
     except TrainingDiverged:
         shutil.rmtree(resume, ignore_errors=True)  # nothing to resume from a NaN
         raise
-    shutil.rmtree(resume, ignore_errors=True)
+    if is_main_process(trainer_cfg):
+        shutil.rmtree(resume, ignore_errors=True)
     return result
 
 
@@ -155,8 +159,13 @@ def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, fol
             logger.experiment.set_tag(logger.run_id, "resumed_from_run", json.loads(record.read_text())["run_id"])
         if logger:
             write_json(record, {"run_id": logger.run_id})
-    build_trainer(trainer_cfg, module, logger, callbacks).fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    with atomic_path(ckpt) as part:
-        shutil.copyfile(best.best_model_path, part)
-    return (type(module).load_from_checkpoint(ckpt, map_location=train_device(trainer_cfg)).eval(), history,
-            float(best.best_model_score))
+    trainer = build_trainer(trainer_cfg, module, logger, callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        with atomic_path(ckpt) as part:
+            shutil.copyfile(best.best_model_path, part)
+        module = type(module).load_from_checkpoint(ckpt, map_location=train_device(trainer_cfg))
+    if trainer.world_size > 1:  # DDP: the other ranks take rank 0's best weights (no shared file system needed)
+        state = trainer.strategy.broadcast(module.state_dict() if trainer.is_global_zero else None)
+        module.load_state_dict(state)
+    return module.eval(), history, float(best.best_model_score)

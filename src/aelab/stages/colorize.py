@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aelab.config import validate
 from aelab.data.color import AB_SCALE, ColorDataModule, to_rgb
+from aelab.distributed import leave_process_group
 from aelab.figures import image_rows
 from aelab.lit.image2image import ImageToImageModule
 from aelab.lit.trainer import fit_best, resume_folder
@@ -70,9 +71,11 @@ def main(cfg: DictConfig) -> dict:
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"max_epochs": c.max_epochs})
 
     with start_run(cfg, "colorize", manifest_path, dataset=c.data.dataset) as run:
-        mlflow.set_tag("color_source", source)
         module, history, best_val = fit_best(module, data, trainer_cfg, lightning_logger(cfg, run),
                                              root / c.out_dir / "colorizer.ckpt", resume=resume_folder(cfg, "colorize"))
+        if not leave_process_group():
+            return {}  # another DDP rank: its share of the fit is done; rank 0 writes the outputs
+        mlflow.set_tag("color_source", source)
 
         l_in, ab = data.test_set.tensors
         result = evaluate(module, l_in, ab, data.test_rgb)

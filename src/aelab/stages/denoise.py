@@ -24,6 +24,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from aelab.config import validate
 from aelab.data.images import raw_dir
 from aelab.data.noise import CLASSICAL_FILTERS, NoisyImageDataModule
+from aelab.distributed import leave_process_group
 from aelab.figures import image_rows
 from aelab.lit.image2image import ImageToImageModule
 from aelab.lit.trainer import fit_best, resume_folder
@@ -98,6 +99,8 @@ def main(cfg: DictConfig) -> dict:
     with start_run(cfg, "denoise", manifest) as run:
         module, history, best_val = fit_best(module, data, trainer_cfg, lightning_logger(cfg, run),
                                              root / p.out_dir / "denoiser.ckpt", resume=resume_folder(cfg, "denoise"))
+        if not leave_process_group():
+            return {}  # another DDP rank: its share of the fit is done; rank 0 writes the outputs
         start = time.perf_counter()
         settings = [(p.noise, p.level), *((p.eval_noise, level) for level in p.eval_levels)]
         results = {setting: evaluate(module, data, *setting, cfg) for setting in dict.fromkeys(settings)}  # once each

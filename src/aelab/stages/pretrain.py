@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from aelab.config import validate
 from aelab.data.images import ImageDataModule, raw_dir
+from aelab.distributed import leave_process_group
 from aelab.figures import image_rows
 from aelab.lit.autoencoder import autoencoder_module
 from aelab.lit.trainer import fit_best, resume_folder, score_test_split
@@ -42,6 +43,8 @@ def main(cfg: DictConfig) -> dict:
                                              keys=("train_loss", "val_loss", "val_mse"),
                                              resume=resume_folder(cfg, "pretrain"))
         test = score_test_split(module, data, cfg.trainer, logger)
+        if not leave_process_group():
+            return {}  # another DDP rank: its share of the fit and test is done; rank 0 writes the outputs
         rows = history.rows
         metrics = {"best_epoch": min(rows, key=lambda row: row["val_loss"])["epoch"], "best_val_loss": best_val,
                    "test_loss": test["test_loss"], "test_mse": test["test_mse"], **history.summary(module)}
