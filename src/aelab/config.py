@@ -143,6 +143,7 @@ class SearchCfg(_Section):
 
 
 XgbDevice = Literal["auto", "cpu", "cuda"]  # auto: the GPU when torch sees one and xgboost was built with CUDA
+XgbEngine = Literal["local", "dask"]  # dask: xgboost.dask on the cluster of the `dask` section
 
 
 class RegularizationCfg(_Section):
@@ -150,6 +151,7 @@ class RegularizationCfg(_Section):
     max_epochs: PositiveInt
     xgb_estimators: PositiveInt
     xgb_device: XgbDevice
+    xgb_engine: XgbEngine
     variants: dict[str, list[str]] = Field(min_length=1)
 
 
@@ -165,6 +167,14 @@ class DownstreamCfg(_Section):
     max_bin: int = Field(ge=2)
     n_jobs: int
     device: XgbDevice
+    engine: XgbEngine
+
+
+class DaskCfg(_Section):
+    scheduler: str | None = None
+    n_workers: PositiveInt
+    threads_per_worker: PositiveInt
+    connect_timeout: PositiveInt
 
 
 class NetCfg(_Section):
@@ -421,6 +431,7 @@ class Config(_Section):
     regularization: RegularizationCfg
     features: FeaturesCfg
     downstream: DownstreamCfg
+    dask: DaskCfg
     denoise: DenoiseCfg
     colorize: ColorizeCfg
     tabular: TabularCfg

@@ -27,7 +27,7 @@ from aelab.data.images import load_split, raw_dir
 from aelab.paths import atomic_path, require, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import start_run
-from aelab.xgb import xgb_device
+from aelab.xgb import fit_xgb, xgb_client, xgb_device
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,15 @@ def load_feature_sets(cfg: DictConfig) -> dict[str, tuple[np.ndarray, ...]]:
     return sets
 
 
-def fit_and_score(cfg: DictConfig, device: str, x_train, y_train, x_test,
+def fit_and_score(cfg: DictConfig, device: str, client, x_train, y_train, x_test,
                   y_test) -> tuple[XGBClassifier, dict, np.ndarray]:
-    """Train one booster on ``device``; return it, its test metrics and its test predictions."""
+    """Train one booster on ``device`` (on ``client``'s dask cluster when there is one); return it, its test metrics
+    and its test predictions."""
     params = cfg.downstream
-    clf = XGBClassifier(n_estimators=params.n_estimators, max_depth=params.max_depth,
-                        learning_rate=params.learning_rate, max_bin=params.max_bin, n_jobs=params.n_jobs,
-                        tree_method="hist", device=device, random_state=cfg.seed)
     start = time.perf_counter()
-    clf.fit(x_train, y_train)
+    clf = fit_xgb({"n_estimators": params.n_estimators, "max_depth": params.max_depth,
+                   "learning_rate": params.learning_rate, "max_bin": params.max_bin, "n_jobs": params.n_jobs,
+                   "tree_method": "hist", "device": device, "random_state": cfg.seed}, x_train, y_train, client)
     fit_seconds = time.perf_counter() - start
     pred = clf.predict(x_test)
     metrics = {"accuracy": float(accuracy_score(y_test, pred)), "macro_f1": float(f1_score(y_test, pred, average="macro")),
@@ -69,10 +69,10 @@ def main(cfg: DictConfig) -> dict:
     classes = list(get_spec(cfg.data.name).classes)
     sets = load_feature_sets(cfg)
     results = {}
-    with start_run(cfg, "downstream", manifest):
-        mlflow.log_param("xgb_device", device)
+    with start_run(cfg, "downstream", manifest), xgb_client(cfg.downstream.engine, cfg.dask) as client:
+        mlflow.log_params({"xgb_device": device, "xgb_engine": cfg.downstream.engine})
         # fit first: logging competes for CPU
-        fitted = {name: fit_and_score(cfg, device, *arrays) for name, arrays in sets.items()}
+        fitted = {name: fit_and_score(cfg, device, client, *arrays) for name, arrays in sets.items()}
         for name, (clf, metrics, pred) in fitted.items():
             y_test = sets[name][3]
             results[name] = {**metrics, "xgb_device": device}

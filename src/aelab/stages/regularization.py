@@ -21,7 +21,6 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import accuracy_score
-from xgboost import XGBClassifier
 
 from aelab.config import ConfigError, validate
 from aelab.data.images import ImageDataModule, load_split, raw_dir, split_indices
@@ -32,7 +31,7 @@ from aelab.paths import atomic_path, require, write_csv, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.sweep import compare, markdown_table
 from aelab.tracking import lightning_logger, start_run
-from aelab.xgb import xgb_device
+from aelab.xgb import fit_xgb, xgb_client, xgb_device
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,9 @@ def variant_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     return configs
 
 
-def train_variant(name: str, vcfg: DictConfig, workdir: str) -> tuple[dict, list[tuple[int, float]]]:
-    """Train one variant in a child run; return its row of the table and its (step, val loss) history.
+def train_variant(name: str, vcfg: DictConfig, workdir: str, client=None) -> tuple[dict, list[tuple[int, float]]]:
+    """Train one variant in a child run; return its row of the table and its (step, val loss) history. XGBoost
+    trains on ``client``'s dask cluster when there is one.
 
     Every variant starts from the same seed: same initial weights where the architecture allows, same batches."""
     L.seed_everything(vcfg.seed, workers=True)
@@ -67,9 +67,9 @@ def train_variant(name: str, vcfg: DictConfig, workdir: str) -> tuple[dict, list
         x_test, y_test = load_split(vcfg.data, "test")
         codes_train, _ = encode(module.eval(), x_train[fit_idx], 1024)
         codes_test, _ = encode(module, x_test, 1024)
-        xgb = XGBClassifier(n_estimators=vcfg.regularization.xgb_estimators, max_depth=4, tree_method="hist",
-                            device=xgb_device(vcfg.regularization.xgb_device, "regularization.xgb_device"),
-                            random_state=vcfg.seed).fit(codes_train, y_train[fit_idx])
+        xgb = fit_xgb({"n_estimators": vcfg.regularization.xgb_estimators, "max_depth": 4, "tree_method": "hist",
+                       "device": xgb_device(vcfg.regularization.xgb_device, "regularization.xgb_device"),
+                       "random_state": vcfg.seed}, codes_train, y_train[fit_idx], client)
         last = history.rows[-1]
         row = {"variant": name, "best_val_loss": best, "final_train_loss": last["train_loss"],
                "final_val_loss": last["val_loss"], "gap_val_minus_train": last["val_loss"] - last["train_loss"],
@@ -89,10 +89,12 @@ def main(cfg: DictConfig) -> list[dict]:
     manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
     configs = variant_configs(cfg)
     rows, histories = [], []
-    with start_run(cfg, "regularization", manifest), tempfile.TemporaryDirectory() as workdir:
-        mlflow.log_param("xgb_device", device)
+    engine = cfg.regularization.xgb_engine
+    with (start_run(cfg, "regularization", manifest), tempfile.TemporaryDirectory() as workdir,
+          xgb_client(engine, cfg.dask) as client):
+        mlflow.log_params({"xgb_device": device, "xgb_engine": engine})
         for name, vcfg in configs.items():
-            row, history = train_variant(name, vcfg, workdir)
+            row, history = train_variant(name, vcfg, workdir, client)
             rows.append(row)
             histories.append(history)
             log.info("%s: %s", name, row)

@@ -26,7 +26,6 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, TensorDataset
-from xgboost import XGBClassifier
 
 from aelab.config import validate
 from aelab.data.tabular import Table, check_folds, load_table
@@ -35,7 +34,7 @@ from aelab.models.penalties import code_sparsity
 from aelab.paths import atomic_path, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import flatten, start_run
-from aelab.xgb import xgb_device
+from aelab.xgb import fit_xgb, xgb_client, xgb_device
 
 log = logging.getLogger(__name__)
 FEATURE_SETS = {"raw": "raw", "codes": "codes", "raw_codes": "raw + codes"}
@@ -86,8 +85,9 @@ def train_autoencoder(params: dict, x: torch.Tensor, seed: int) -> tuple[Autoenc
     return module.eval(), float(trainer.callback_metrics["train_loss"])
 
 
-def run_fold(params: dict, seed: int, x_train, y_train, x_test, y_test) -> dict[str, float]:
-    """One fold: the scaler, the autoencoder and the boosters see the training part only; scores on the test part."""
+def run_fold(params: dict, seed: int, x_train, y_train, x_test, y_test, client=None) -> dict[str, float]:
+    """One fold: the scaler, the autoencoder and the boosters see the training part only; scores on the test part.
+    The boosters train on ``client``'s dask cluster when there is one."""
     scaler = StandardScaler().fit(x_train)
     s_train, s_test = (torch.from_numpy(scaler.transform(x).astype(np.float32)) for x in (x_train, x_test))
     start = time.perf_counter()
@@ -99,11 +99,12 @@ def run_fold(params: dict, seed: int, x_train, y_train, x_test, y_test) -> dict[
     row.update({f"code_{k}": v for k, v in code_sparsity(torch.from_numpy(c_test)).items()})
     sets = {"raw": (x_train, x_test), "codes": (c_train, c_test),
             "raw_codes": (np.hstack([x_train, c_train]), np.hstack([x_test, c_test]))}
-    xgb = {**params["xgb"], "device": xgb_device(params["xgb"]["device"], "tabular.xgb.device")}
+    xgb = {**params["xgb"], "device": xgb_device(params["xgb"]["device"], "tabular.xgb.device"),
+           "tree_method": "hist", "random_state": seed}
+    del xgb["engine"]
     for name, (f_train, f_test) in sets.items():
-        clf = XGBClassifier(**xgb, tree_method="hist", random_state=seed)
         start = time.perf_counter()
-        clf.fit(f_train, y_train)
+        clf = fit_xgb(xgb, f_train, y_train, client)
         row[f"{name}_fit_seconds"] = time.perf_counter() - start
         row[f"{name}_roc_auc"] = float(roc_auc_score(y_test, clf.predict_proba(f_test)[:, 1]))
     return row
@@ -138,16 +139,18 @@ def main(cfg: DictConfig) -> dict:
     check_folds(table, params["folds"])
     splits = StratifiedKFold(params["folds"], shuffle=True, random_state=cfg.seed).split(table.x, table.y)
 
-    with start_run(cfg, "tabular", table.source_file, dataset=table.name):
+    with (start_run(cfg, "tabular", table.source_file, dataset=table.name),
+          xgb_client(params["xgb"]["engine"], cfg.dask) as client):
         rows = []
         for fold, (train, test) in enumerate(splits):
-            row = run_fold(params, cfg.seed + fold, table.x[train], table.y[train], table.x[test], table.y[test])
+            row = run_fold(params, cfg.seed + fold, table.x[train], table.y[train], table.x[test], table.y[test],
+                           client)
             log.info("fold %d: ROC-AUC raw %.4f, codes %.4f, raw+codes %.4f; AE %.1f s", fold, row["raw_roc_auc"],
                      row["codes_roc_auc"], row["raw_codes_roc_auc"], row["ae_fit_seconds"])
             mlflow.log_metrics(row, step=fold)
             rows.append(row)
         results = {**summarize(table, params, rows), "xgb_device": device}
-        mlflow.log_param("xgb_device", device)
+        mlflow.log_params({"xgb_device": device, "xgb_engine": params["xgb"]["engine"]})
         mlflow.log_metrics({k: v for k, v in flatten(results).items() if isinstance(v, float)})
         write_json(root / "reports/metrics/tabular.json", results)
         report = markdown_report(results, params)
