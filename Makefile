@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PORT    ?= 5000
 
-.PHONY: all setup repro smoke test params ui clean
+.PHONY: all setup repro smoke test params ui server clean
 all: repro
 
 $(BIN)/dvc: pyproject.toml
@@ -16,7 +16,9 @@ $(BIN)/dvc: pyproject.toml
 FASHION := /usr/share/datasets/fashion-mnist
 CHROMIUM := /usr/bin/chromium
 
-setup: $(BIN)/dvc $(FASHION) $(CHROMIUM)  ## create .venv, install the project (torch is the big one: ~10 min on a fresh machine)
+POSTGRES := /usr/lib/postgresql
+
+setup: $(BIN)/dvc $(FASHION) $(CHROMIUM) $(POSTGRES)  ## create .venv, install the project (torch is the big one: ~10 min on a fresh machine)
 
 # The offline Fashion-MNIST copy (Debian package); without it the download stage needs the network or a mirror.
 $(FASHION):
@@ -29,6 +31,12 @@ $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	else echo "note: no $(CHROMIUM): run 'sudo apt-get install chromium chromium-driver' for the browser tests"; fi
+
+# PostgreSQL (Debian package) for `make server`, the tracking server for many writers, and its tests.
+$(POSTGRES):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	else echo "note: no $(POSTGRES): run 'sudo apt-get install postgresql' for make server and its tests"; fi
 
 repro: setup  ## run the pipeline on the default config
 	dvc repro
@@ -44,6 +52,10 @@ params: setup  ## recompose params.yaml from conf/ (what `dvc exp run` does)
 
 ui: setup  ## the MLflow UI on http://127.0.0.1:$(PORT)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
+
+SERVER_PORT ?= 5001
+server: setup  ## mlflow server on PostgreSQL for parallel jobs and teams (then: export MLFLOW_TRACKING_URI=http://127.0.0.1:$(SERVER_PORT))
+	python -m aelab.server --port $(SERVER_PORT)
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf data/raw data/features models reports/figures mlflow.db mlruns outputs multirun

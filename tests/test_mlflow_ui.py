@@ -6,20 +6,13 @@ with tests/test_report.py."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
 from playwright.sync_api import sync_playwright
 
+from aelab.server import free_port, mlflow_server
 from aelab.stages import downstream, features, pretrain
 from conftest import compose_cfg
 
@@ -28,7 +21,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-proxy-server"]
-SERVER_START_S = 180  # a cold `mlflow server` takes ~25 s on a busy 2-core machine
 
 
 def artifact_path(name: str) -> Path:
@@ -50,55 +42,6 @@ def browser():
         chromium.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(store_uri: str, cwd: Path):
-    """``mlflow server`` on a free loopback port against ``store_uri``; yields its URL, always stops it (the whole
-    process group: the server starts workers)."""
-    port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow"), "server", "--backend-store-uri",
-           store_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job consumers
-    log_path = cwd / "mlflow_server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            assert proc.poll() is None, f"mlflow server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
-            try:
-                if no_proxy.open(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"no /health after {SERVER_START_S} s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield url
-    finally:
-        _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def test_mlflow_ui_shows_the_pipeline_runs_and_metrics(tiny_raw, smoke_overrides, browser):
     cfg = compose_cfg(*smoke_overrides)
     pretrain.main(cfg)
@@ -109,7 +52,7 @@ def test_mlflow_ui_shows_the_pipeline_runs_and_metrics(tiny_raw, smoke_overrides
     runs = {r.data.tags["stage"]: r for r in mlflow.search_runs([experiment.experiment_id], output_format="list")}
     assert set(runs) == {"pretrain", "features", "downstream"}
 
-    with mlflow_server(os.environ["MLFLOW_TRACKING_URI"], tiny_raw) as url:
+    with mlflow_server(os.environ["MLFLOW_TRACKING_URI"], free_port(), tiny_raw) as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(90_000)
         shots = []

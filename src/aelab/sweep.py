@@ -10,6 +10,7 @@ the parent run.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from aelab.paths import atomic_path, write_csv
-from aelab.tracking import tracking_uri, use_experiment
+from aelab.tracking import SWEEP_RUN_ENV, tracking_uri, use_experiment
 
 
 def epochs_to_target(val_losses: list[float], target: float) -> int | None:
@@ -69,6 +70,7 @@ def _child_rows(parent_id: str) -> tuple[list[dict], list[list[tuple[int, float]
     client = mlflow.MlflowClient()
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
                                   search_all_experiments=True, output_format="list", order_by=["start_time ASC"])
+    children.sort(key=lambda run: int(run.data.tags.get("sweep_job", 0)))  # job order, however jobs were scheduled
     settings = varying_settings([run.data.tags.get("sweep_overrides", run.info.run_name) for run in children])
     rows, histories = [], []
     for run, setting in zip(children, settings):
@@ -92,10 +94,13 @@ class MlflowSweep(Callback):
         mlflow.set_tracking_uri(tracking_uri(config))
         use_experiment(config.mlflow.experiment)
         overrides = " ".join(config.hydra.overrides.task)
-        mlflow.start_run(run_name=f"sweep: {overrides}", tags={"stage": "sweep", "sweep_dir": config.hydra.sweep.dir})
+        run = mlflow.start_run(run_name=f"sweep: {overrides}",
+                               tags={"stage": "sweep", "sweep_dir": config.hydra.sweep.dir})
+        os.environ[SWEEP_RUN_ENV] = run.info.run_id  # for jobs in other processes (joblib, submitit launchers)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = mlflow.active_run()
+        os.environ.pop(SWEEP_RUN_ENV, None)
         if parent is None:
             return
         rows, histories = _child_rows(parent.info.run_id)

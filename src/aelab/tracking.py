@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 SQLITE = "sqlite:///"
 DVC_EXP_TMP = (".dvc", "tmp", "exps")  # where `dvc exp run --temp` / `--queue` run a copy of the project
+SWEEP_RUN_ENV = "AELAB_SWEEP_RUN_ID"  # the parent run of the Hydra multirun this process runs jobs of
 
 
 def project_root() -> Path:
@@ -122,7 +123,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, dataset: str | None = None):
     """An MLflow run for one stage, tagged with stage, git commit, dataset (``data.name`` unless given), dataset
     manifest hash, host and process id, config logged. Inside a Hydra multirun it is a child of the sweep's parent
-    run (see aelab.sweep) and carries the job's overrides.
+    run (``SWEEP_RUN_ENV``, set by aelab.sweep: jobs in other processes, as the joblib and SLURM launchers run them,
+    find it too) and carries the job's overrides.
 
     The store is prepared under a lock first and runs left RUNNING by dead processes are closed as KILLED. SIGTERM
     or SIGINT inside the block ends the run as KILLED and exits 128 + the signal (``aelab.interrupts``)."""
@@ -137,11 +139,13 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
             "host": socket.gethostname(), "pid": str(os.getpid())}
     if manifest is not None:
         tags["dataset_manifest_sha256"] = file_hash(manifest)
-    parent = mlflow.active_run()
-    if parent is not None and HydraConfig.initialized():
+    sweep = os.environ.get(SWEEP_RUN_ENV) if HydraConfig.initialized() else None
+    if sweep is not None:
         tags["sweep_overrides"] = " ".join(HydraConfig.get().overrides.task)
+        tags["sweep_job"] = str(HydraConfig.get().job.num)
     with signals_interrupt(), mlflow.start_run(run_name=tags.get("sweep_overrides", stage), tags=tags,
-                                               nested=parent is not None) as run:
+                                               nested=mlflow.active_run() is not None,
+                                               parent_run_id=sweep) as run:
         config = OmegaConf.to_container(cfg, resolve=True)
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.yaml")

@@ -13,6 +13,7 @@ import functools
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -49,15 +50,25 @@ def publishes_outputs(main):
         final.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(final)
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=final))
-        token = _staging.set(staging)
         try:
-            result = main(cfg)
+            with staged_in(staging):
+                result = main(cfg)
             publish(staging, final)
             return result
         finally:
-            _staging.reset(token)
             shutil.rmtree(staging, ignore_errors=True)
     return run
+
+
+@contextmanager
+def staged_in(staging: Path):
+    """``output_root()`` is ``staging`` inside the block. (A function of this module, so that ``run`` above, which
+    launchers such as joblib's pickle, refers to no ContextVar itself.)"""
+    token = _staging.set(staging)
+    try:
+        yield
+    finally:
+        _staging.reset(token)
 
 
 def publish(staging: Path, final: Path) -> None:
