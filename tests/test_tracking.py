@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from aelab.tracking import project_root, start_run, tracking_uri
@@ -128,3 +129,21 @@ def training_started(db: Path) -> bool:
             return con.execute("SELECT count(*) FROM metrics WHERE key = 'train_loss'").fetchone()[0] > 0
     except sqlite3.OperationalError:  # tables not created yet
         return False
+
+
+def test_a_stage_run_carries_its_data_as_an_input_and_the_environment(tiny_raw, smoke_overrides):
+    cfg = compose_cfg(*smoke_overrides)
+    manifest = tiny_raw / "data/raw/fashion_mnist/manifest.json"
+    with start_run(cfg, "pretrain", manifest) as run:
+        pass
+    run = mlflow.get_run(run.info.run_id)
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.name == "fashion_mnist"
+    assert run.data.tags["dataset_manifest_sha256"].startswith(data.dataset.digest)
+    assert [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
+    assert data.dataset.source_type == "local" and "data/raw/fashion_mnist" in data.dataset.source
+    tags = run.data.tags
+    assert tags["env.torch"] and tags["env.lightning"] and tags["env.cpu"] and int(tags["env.torch_threads"]) > 0
+    assert tags["env.device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs

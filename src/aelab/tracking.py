@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import platform
 import socket
 import subprocess
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING
 import mlflow
 from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 
 SQLITE = "sqlite:///"
 DVC_EXP_TMP = (".dvc", "tmp", "exps")  # where `dvc exp run --temp` / `--queue` run a copy of the project
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"  # the UI's "model training"
+DIGEST_CHARS = 32  # of the manifest's sha256, as a dataset digest (MLflow's column holds 36)
 SWEEP_RUN_ENV = "AELAB_SWEEP_RUN_ID"  # the parent run of the Hydra multirun this process runs jobs of
 
 
@@ -82,13 +87,41 @@ def close_stale_runs(experiment_id: str) -> list[str]:
 
 def use_experiment(name: str) -> str:
     """Make ``name`` the active experiment and return its id; a new one in a local sqlite store keeps its artifacts
-    in the project's ``mlruns/`` (MLflow's default is relative to whichever directory first created it)."""
+    in the project's ``mlruns/`` (MLflow's default is relative to whichever directory first created it). The
+    experiment is marked as model training, so the MLflow UI opens on its runs (MLflow 3 opens an experiment of no
+    kind on its GenAI overview)."""
     if mlflow.get_experiment_by_name(name) is None and mlflow.get_tracking_uri().startswith(SQLITE):
         try:
-            mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+            mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri(),
+                                     tags={EXPERIMENT_KIND: TRAINING_KIND})
         except MlflowException:
             pass  # created meanwhile by a stage that started at the same time
-    return mlflow.set_experiment(name).experiment_id
+    experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND not in experiment.tags:
+        MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "unknown")
+
+
+def environment_tags() -> dict[str, str]:
+    """What can explain different numbers from the same commit and data: package versions, the device, the CPU model
+    and the thread count."""
+    import lightning
+    import numpy
+    import torch
+    import xgboost
+
+    return {"env.python": platform.python_version(), "env.torch": torch.__version__,
+            "env.lightning": lightning.__version__, "env.numpy": numpy.__version__, "env.xgboost": xgboost.__version__,
+            "env.mlflow": mlflow.__version__, "env.cpu": cpu_model(), "env.torch_threads": str(torch.get_num_threads()),
+            "env.device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def git_commit() -> str:
@@ -137,6 +170,7 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
     close_stale_runs(use_experiment(cfg.mlflow.experiment))
     tags = {"stage": stage, "git_commit": git_commit(), "dataset": dataset or cfg.data.name,
             "host": socket.gethostname(), "pid": str(os.getpid())}
+    tags.update(environment_tags())
     if manifest is not None:
         tags["dataset_manifest_sha256"] = file_hash(manifest)
     sweep = os.environ.get(SWEEP_RUN_ENV) if HydraConfig.initialized() else None
@@ -149,6 +183,10 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
         config = OmegaConf.to_container(cfg, resolve=True)
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.yaml")
+        if manifest is not None:  # the UI's Dataset column: the data's name, folder and content hash
+            mlflow.log_input(MetaDataset(resolve_dataset_source(str(Path(manifest).resolve().parent)),
+                                         name=tags["dataset"], digest=tags["dataset_manifest_sha256"][:DIGEST_CHARS]),
+                             context="training")
         try:
             yield run
         except StageInterrupted:  # a child run the signal cut short was closed (FAILED) by its own block already
