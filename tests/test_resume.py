@@ -7,6 +7,7 @@ import signal
 
 import mlflow
 import pytest
+import torch
 
 from aelab.interrupts import StageInterrupted
 from aelab.lit.trainer import EpochHistory, resume_folder
@@ -52,3 +53,14 @@ def test_an_interrupted_pretrain_resumes_from_its_last_epoch(tiny_raw, smoke_ove
     assert finished.data.tags["resumed_from_run"] == killed.info.run_id
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(finished.info.run_id, "val_loss")]
     assert len(steps) == 2 and min(steps) > 0  # epochs 2 and 3 only, continuing the step count
+
+
+def test_a_rerun_on_this_machine_gives_identical_metrics(tiny_raw, smoke_overrides):
+    """trainer.deterministic=auto is on for the CPU: the same config twice gives the same digits."""
+    overrides = [*smoke_overrides, "trainer.max_epochs=2", "trainer.resume=never"]
+    runs = []
+    for _ in range(2):
+        metrics = pretrain.main(compose_cfg(*overrides))
+        runs.append(({k: v for k, v in metrics.items() if "seconds" not in k}, loss_rows(tiny_raw)))
+    assert runs[0] == runs[1]
+    assert torch.are_deterministic_algorithms_enabled()

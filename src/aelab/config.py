@@ -73,6 +73,8 @@ class TrainerCfg(_Section):
     limit_train_batches: PositiveFloat | PositiveInt
     enable_progress_bar: bool
     resume: Literal["auto", "never"]
+    deterministic: Literal["auto"] | bool
+    cpu_threads: PositiveInt | None = None
     fast: FastCfg
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import mlflow
 from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
-from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
@@ -184,7 +184,7 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.yaml")
         if manifest is not None:  # the UI's Dataset column: the data's name, folder and content hash
-            mlflow.log_input(MetaDataset(resolve_dataset_source(str(Path(manifest).resolve().parent)),
+            mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(str(Path(manifest).resolve().parent)),
                                          name=tags["dataset"], digest=tags["dataset_manifest_sha256"][:DIGEST_CHARS]),
                              context="training")
         try:

@@ -40,12 +40,24 @@ def resolve_precision(trainer_cfg, module: L.LightningModule | None = None) -> s
     return getattr(module, "cuda_precision", "bf16-mixed")
 
 
+def resolve_deterministic(trainer_cfg) -> bool:
+    """``trainer.deterministic``: ``auto`` is on for the CPU (reruns give the same digits there) and off on CUDA,
+    where several fast kernels (cuDNN's autotuned convolutions, max-unpooling's backward) have no deterministic
+    version; ``true`` on CUDA makes Lightning set ``CUBLAS_WORKSPACE_CONFIG`` and fails on such a kernel."""
+    if trainer_cfg.deterministic == "auto":
+        return train_device(trainer_cfg).type != "cuda"
+    return bool(trainer_cfg.deterministic)
+
+
 def build_trainer(trainer_cfg, module: L.LightningModule, logger, callbacks: list[Callback] = ()) -> L.Trainer:
     """A Trainer for ``module`` on the best available device, with the fast path of ``trainer.fast``; checkpoints
     are the caller's ``ModelCheckpoint``."""
     on_cuda = train_device(trainer_cfg).type == "cuda"
-    if on_cuda:
+    deterministic = resolve_deterministic(trainer_cfg)
+    if on_cuda and not deterministic:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for 32-true on tensor cores
+    if trainer_cfg.cpu_threads:
+        torch.set_num_threads(trainer_cfg.cpu_threads)
     return L.Trainer(
         max_epochs=trainer_cfg.max_epochs,
         accelerator=trainer_cfg.accelerator,
@@ -60,8 +72,8 @@ def build_trainer(trainer_cfg, module: L.LightningModule, logger, callbacks: lis
                    *([TQDMProgressBar(refresh_rate=PROGRESS_EVERY)] if trainer_cfg.enable_progress_bar else [])],
         default_root_dir=None,
         log_every_n_steps=10,
-        deterministic=False,
-        benchmark=on_cuda,  # batch shapes are fixed: let cuDNN pick its fastest convolutions once
+        deterministic=deterministic,
+        benchmark=on_cuda and not deterministic,  # batch shapes are fixed: let cuDNN pick its fastest convolutions
     )
 
 
