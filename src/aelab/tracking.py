@@ -8,6 +8,7 @@ import os
 import platform
 import socket
 import subprocess
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import mlflow
 from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
-from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
@@ -124,6 +125,14 @@ def environment_tags() -> dict[str, str]:
             "env.device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
+def log_dataset(manifest: Path | str, name: str, sha256: str) -> None:
+    """Log the data folder holding ``manifest`` as the active run's training input, its digest from ``sha256``."""
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns it is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(manifest).resolve().parent))
+    mlflow.log_input(MetaDataset(source, name=name, digest=sha256[:DIGEST_CHARS]), context="training")
+
+
 def git_commit() -> str:
     """The current commit (with ``-dirty`` when the work tree has changes), or ``unknown`` outside git."""
     try:
@@ -184,9 +193,7 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.yaml")
         if manifest is not None:  # the UI's Dataset column: the data's name, folder and content hash
-            mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(str(Path(manifest).resolve().parent)),
-                                         name=tags["dataset"], digest=tags["dataset_manifest_sha256"][:DIGEST_CHARS]),
-                             context="training")
+            log_dataset(manifest, tags["dataset"], tags["dataset_manifest_sha256"])
         try:
             yield run
         except StageInterrupted:  # a child run the signal cut short was closed (FAILED) by its own block already
