@@ -1,0 +1,104 @@
+"""Is a change in the pipeline's numbers real or noise? Compare the workspace's metrics with a baseline.
+
+``python -m aelab.check_metrics`` reads ``reports/metrics/*.json`` (what ``dvc repro`` wrote) and the same files
+of the baseline: the committed ones (``--rev HEAD``, the default) or a folder (``--baseline DIR``). Each metric may
+move by ``--sigmas`` (3) times its seed spread, the standard deviation over seeds that ``python -m aelab.spread``
+measured (``--spread``, default ``reports/spread.json``), and at least by ``--rtol`` of its value (float noise
+between machines). Metrics without a measured spread must agree to ``--rtol``. Wall times (keys with ``seconds``)
+are ignored. Exit status 1 names every metric beyond its tolerance, and every metric that appeared or vanished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+METRICS_DIR = "reports/metrics"
+IGNORED = ("seconds",)  # wall times: they measure the machine, not the result
+
+
+def flat_metrics(files: dict[str, dict]) -> dict[str, float]:
+    """{"pretrain": {"test_mse": 0.01, "x": {"y": 2}}} -> {"pretrain.test_mse": 0.01, "pretrain.x.y": 2.0}: numbers
+    only (no flags, strings or wall times)."""
+    out: dict[str, float] = {}
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not any(i in key for i in IGNORED):
+            out[key] = float(value)
+
+    for name, content in files.items():
+        walk(content, name)
+    return out
+
+
+def read_folder(folder: Path | str) -> dict[str, dict]:
+    """The metrics files of ``folder``, by stage name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
+
+
+def read_revision(rev: str, folder: str = METRICS_DIR) -> dict[str, dict]:
+    """The metrics files of ``folder`` as committed at git revision ``rev`` (a commit, branch or experiment ref)."""
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{folder}"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return {Path(name).stem: json.loads(subprocess.run(["git", "show", f"{rev}:{folder}/{name}"], capture_output=True,
+                                                       text=True, check=True).stdout)
+            for name in names if name.endswith(".json")}
+
+
+def compare(current: dict[str, float], baseline: dict[str, float], spread: dict[str, float], sigmas: float = 3.0,
+            rtol: float = 1e-4) -> list[dict]:
+    """One row per metric in either set: baseline, current, tolerance and whether the change is within it."""
+    rows = []
+    for key in sorted(current.keys() | baseline.keys()):
+        old, new = baseline.get(key), current.get(key)
+        if old is None or new is None:
+            rows.append({"metric": key, "baseline": old, "current": new, "tolerance": None,
+                         "ok": False, "why": "only in the baseline" if new is None else "new metric"})
+            continue
+        tolerance = max(sigmas * spread.get(key, 0.0), rtol * max(abs(old), abs(new)), 1e-12)
+        diff = new - old
+        ok = (math.isnan(old) and math.isnan(new)) or abs(diff) <= tolerance
+        why = "" if ok else (f"moved {diff:+.4g}, beyond {sigmas:g} x its seed spread" if key in spread
+                             else f"moved {diff:+.4g} and has no measured spread")
+        rows.append({"metric": key, "baseline": old, "current": new, "tolerance": tolerance, "ok": ok, "why": why})
+    return rows
+
+
+def load_spread(path: Path | str) -> dict[str, float]:
+    """The per-metric standard deviations over seeds from ``python -m aelab.spread`` (empty when there is none)."""
+    path = Path(path)
+    return {k: v["std"] for k, v in json.loads(path.read_text())["metrics"].items()} if path.exists() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--rev", default="HEAD", help="git revision whose committed metrics are the baseline")
+    source.add_argument("--baseline", type=Path, help="a folder of metrics files as the baseline instead")
+    parser.add_argument("--metrics", type=Path, default=Path(METRICS_DIR), help="the workspace's metrics folder")
+    parser.add_argument("--spread", type=Path, default=Path("reports/spread.json"))
+    parser.add_argument("--sigmas", type=float, default=3.0)
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+
+    baseline = read_folder(args.baseline) if args.baseline else read_revision(args.rev, str(args.metrics))
+    spread = load_spread(args.spread)
+    rows = compare(flat_metrics(read_folder(args.metrics)), flat_metrics(baseline), spread, args.sigmas, args.rtol)
+    failed = [r for r in rows if not r["ok"]]
+    where = args.baseline or f"git {args.rev}"
+    print(f"{len(rows)} metrics against {where}; {len(spread)} with a seed spread ({args.spread}); "
+          f"{len(failed)} beyond tolerance")
+    for r in failed:
+        print(f"  {r['metric']}: {r['baseline']} -> {r['current']}: {r['why']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The seed spread of every pipeline metric: the pipeline rerun for several seeds, mean ± std per metric.
+
+``python -m aelab.spread --seeds 42 43 44 [-S KEY=VALUE ...]`` runs the pipeline once per seed as a DVC experiment
+in a temporary copy (``dvc exp run --temp -n spread-seed-<seed> -S seed=<seed>``, with your ``-S`` overrides, e.g.
+``-S profile=smoke``; the workspace is left as it is, and DVC's cache skips what a seed does not change), reads
+each experiment's committed ``reports/metrics/*.json`` from its git ref, and writes the mean, standard deviation
+and values of every metric to ``reports/spread.json`` and ``reports/spread.md`` and to an MLflow run (stage
+``spread``). ``python -m aelab.check_metrics`` takes its tolerances from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import mlflow
+from omegaconf import OmegaConf
+
+from aelab.check_metrics import METRICS_DIR, flat_metrics, read_revision
+from aelab.paths import atomic_path, write_json
+from aelab.tracking import prepare_store, tracking_uri, use_experiment
+
+PREFIX = "spread-seed-"
+
+
+def summarize(runs: dict[int, dict[str, float]]) -> dict[str, dict]:
+    """Per metric present in every run: mean, sample std, n and the value of each seed."""
+    keys = set.intersection(*(set(r) for r in runs.values()))
+    return {k: {"mean": statistics.fmean(r[k] for r in runs.values()),
+                "std": statistics.stdev(r[k] for r in runs.values()) if len(runs) > 1 else 0.0,
+                "n": len(runs), "values": {str(seed): r[k] for seed, r in runs.items()}}
+            for k in sorted(keys)}
+
+
+def markdown(spread: dict[str, dict], seeds: list[int], overrides: list[str]) -> str:
+    """The spread as a table: metric, mean ± std, each seed's value."""
+    lines = [f"Seed spread over seeds {', '.join(map(str, seeds))}" + (f" ({' '.join(overrides)})" if overrides else "")
+             + ": mean ± sample standard deviation.", "",
+             "| metric | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---:|" + "---:|" * len(seeds)]
+    for key, m in spread.items():
+        lines.append(f"| {key} | {m['mean']:.4g} ± {m['std']:.2g} | "
+                     + " | ".join(f"{m['values'][str(s)]:.4g}" for s in seeds) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def experiment_ref(name: str) -> str:
+    """The git ref of the DVC experiment called ``name``."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    matches = [ref for ref in refs if ref.rsplit("/", 1)[-1] == name]
+    if len(matches) != 1:
+        raise RuntimeError(f"expected one DVC experiment named {name}, found {len(matches)}: {matches}")
+    return matches[0]
+
+
+def run_seed(seed: int, overrides: list[str]) -> dict[str, float]:
+    """The pipeline for ``seed`` as a DVC experiment in a temporary copy; its metrics, flattened."""
+    name = f"{PREFIX}{seed}"
+    subprocess.run(["dvc", "exp", "remove", name], capture_output=True)  # a previous spread's experiment
+    cmd = ["dvc", "exp", "run", "--temp", "-n", name, "-S", f"seed={seed}"]
+    for override in overrides:
+        cmd += ["-S", override]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return flat_metrics(read_revision(experiment_ref(name), METRICS_DIR))
+
+
+def log_to_mlflow(spread: dict[str, dict], table: Path, seeds: list[int], overrides: list[str]) -> None:
+    cfg = OmegaConf.load("params.yaml")
+    uri = tracking_uri(cfg)
+    prepare_store(uri)
+    mlflow.set_tracking_uri(uri)
+    use_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_name="spread", tags={"stage": "spread", "seeds": " ".join(map(str, seeds)),
+                                                   "overrides": " ".join(overrides)}):
+        mlflow.log_metrics({f"{k}.{s}": v[s] for k, v in spread.items() for s in ("mean", "std")})
+        mlflow.log_artifact(str(table))
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
+                        help="a Hydra override for every seed's run, as dvc exp run -S takes it")
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 2:
+        parser.error("--seeds: a spread needs at least two seeds")
+    runs = {seed: run_seed(seed, args.overrides) for seed in args.seeds}
+    spread = summarize(runs)
+    write_json(args.out / "spread.json", {"seeds": args.seeds, "overrides": args.overrides, "metrics": spread})
+    table = args.out / "spread.md"
+    with atomic_path(table) as tmp:
+        tmp.write_text(markdown(spread, args.seeds, args.overrides))
+    log_to_mlflow(spread, table, args.seeds, args.overrides)
+    print(f"{len(spread)} metrics over {len(runs)} seeds: {args.out / 'spread.json'}, {table}")
+    return spread
+
+
+if __name__ == "__main__":
+    main()
