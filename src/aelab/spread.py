@@ -11,7 +11,6 @@ and values of every metric to ``reports/spread.json`` and ``reports/spread.md`` 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 from pathlib import Path
