@@ -73,7 +73,7 @@ class TrainerCfg(_Section):
     limit_train_batches: PositiveFloat | PositiveInt
     enable_progress_bar: bool
     resume: Literal["auto", "never"]
-    deterministic: Literal["auto"] | bool
+    deterministic: Literal["auto", "warn"] | bool
     cpu_threads: PositiveInt | None = None
     fast: FastCfg
 

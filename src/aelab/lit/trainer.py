@@ -40,13 +40,15 @@ def resolve_precision(trainer_cfg, module: L.LightningModule | None = None) -> s
     return getattr(module, "cuda_precision", "bf16-mixed")
 
 
-def resolve_deterministic(trainer_cfg) -> bool:
-    """``trainer.deterministic``: ``auto`` is on for the CPU (reruns give the same digits there) and off on CUDA,
-    where several fast kernels (cuDNN's autotuned convolutions, max-unpooling's backward) have no deterministic
-    version; ``true`` on CUDA makes Lightning set ``CUBLAS_WORKSPACE_CONFIG`` and fails on such a kernel."""
+def resolve_deterministic(trainer_cfg) -> bool | str:
+    """Lightning's ``deterministic`` for ``trainer.deterministic``. ``auto`` is ``warn`` on the CPU: deterministic
+    algorithms, and a warning (not an error) from the kernels PyTorch has no deterministic version of (SegNet's
+    max-unpooling, which is deterministic all the same: max-pooling's indices never collide). On CUDA ``auto`` is
+    off: cuDNN's autotuned convolutions and max-unpooling's backward are not deterministic there; ``true`` makes
+    Lightning set ``CUBLAS_WORKSPACE_CONFIG`` and fail on such a kernel, ``warn`` only warns."""
     if trainer_cfg.deterministic == "auto":
-        return train_device(trainer_cfg).type != "cuda"
-    return bool(trainer_cfg.deterministic)
+        return "warn" if train_device(trainer_cfg).type != "cuda" else False
+    return trainer_cfg.deterministic
 
 
 def build_trainer(trainer_cfg, module: L.LightningModule, logger, callbacks: list[Callback] = ()) -> L.Trainer:
