@@ -69,6 +69,8 @@ class TrainerCfg(_Section):
     devices: PositiveInt | Literal["auto"]
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"]
     limit_train_batches: PositiveFloat | PositiveInt
+    limit_val_batches: PositiveFloat | PositiveInt
+    limit_test_batches: PositiveFloat | PositiveInt
     enable_progress_bar: bool
     resume: Literal["auto", "never"]
     fast: FastCfg
