@@ -313,12 +313,22 @@ class SegmentGenerateCfg(_Section):
         return self
 
 
+class LrnCfg(_Section):
+    size: PositiveInt
+    alpha: float = NonNegative
+    beta: float = NonNegative
+    k: PositiveFloat
+
+
 class SegNetCfg(_Section):
     target: Literal["aelab.models.segnet.SegNet"] = Field(alias="_target_")
     name: str
     channels: list[PositiveInt] = Field(min_length=1)
     convs: list[PositiveInt] = Field(min_length=1)
     kernel_size: PositiveInt
+    decoder_relu: bool
+    input_lrn: LrnCfg | None
+    init: Literal["default", "xavier", "he"]
 
     @model_validator(mode="after")
     def _one_entry_per_stage(self) -> "SegNetCfg":
