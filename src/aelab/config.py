@@ -381,9 +381,13 @@ class SegmentCfg(_Section):
     model: SegNetCfg | UnetCfg = Field(discriminator="target")
     data: GeneratedSegDataCfg | FolderSegDataCfg = Field(discriminator="kind")
     class_weights: Literal["median_frequency", "none"]
-    batch_size: PositiveInt
+    loss_normalization: Literal["weights", "pixels"]
+    optimizer: Literal["adamw", "sgd"]
     lr: PositiveFloat
+    momentum: float = Rate
     weight_decay: float = Field(ge=0)
+    schedule: Literal["onecycle", "none"]
+    batch_size: PositiveInt
     max_epochs: PositiveInt
     overlays: PositiveInt
     out_dir: str
