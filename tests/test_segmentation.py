@@ -68,7 +68,7 @@ def test_segnet_output_is_as_large_as_its_input(size, stages):
     assert model(torch.rand(2, 3, *size)).shape == (2, 5, *size)
 
 
-@pytest.mark.parametrize("model", ["segnet", "segnet_basic", "segnet_vgg16", "unet"])
+@pytest.mark.parametrize("model", ["segnet", "segnet_basic", "segnet64_3x3", "segnet_vgg16", "unet"])
 def test_configured_models_keep_the_odd_canvas_size(model):
     cfg = compose_cfg(f"segment/model={model}", "segment.generate.height=33", "segment.generate.width=47")
     validate(cfg)
@@ -206,18 +206,20 @@ def test_threshold_leaves_dark_item_pixels_as_background():
 CLASSES = ["road", "car", "sky"]
 
 
-def write_camvid(root, sizes=None, n: dict | None = None, seed: int = 0) -> None:
-    """A tiny CamVid-layout folder: RGB images whose masks hold 0..2 and 255 (unlabelled)."""
+def write_camvid(root, sizes=None, n: dict | None = None, seed: int = 0, labels=(2, 1, 0), void: int = 255,
+                 size=(20, 26)) -> None:
+    """A tiny CamVid-layout folder: RGB images whose masks hold ``labels`` (top third, bottom-right quarter, the
+    rest) and ``void`` (unlabelled) in a corner."""
     rng = np.random.default_rng(seed)
     for split, count in (n or {"train": 6, "val": 2, "test": 3}).items():
         (root / split).mkdir(parents=True)
         (root / f"{split}annot").mkdir()
         for i in range(count):
-            h, w = (sizes or {}).get((split, i), (20, 26))
-            mask = np.zeros((h, w), np.uint8)
-            mask[: h // 3] = 2
-            mask[h // 2:, w // 2:] = 1
-            mask[0, 0] = 255
+            h, w = (sizes or {}).get((split, i), size)
+            mask = np.full((h, w), labels[2], np.uint8)
+            mask[: h // 3] = labels[0]
+            mask[h // 2:, w // 2:] = labels[1]
+            mask[:2, :3] = void
             image = rng.integers(0, 60, (h, w, 3)).astype(np.uint8) + (mask[..., None] % 4 * 60).astype(np.uint8)
             Image.fromarray(image).save(root / split / f"f{i:03d}.png")
             Image.fromarray(mask).save(root / f"{split}annot" / f"f{i:03d}.png")

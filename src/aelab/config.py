@@ -71,6 +71,8 @@ class TrainerCfg(_Section):
     num_nodes: PositiveInt
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"]
     limit_train_batches: PositiveFloat | PositiveInt
+    limit_val_batches: PositiveFloat | PositiveInt
+    limit_test_batches: PositiveFloat | PositiveInt
     enable_progress_bar: bool
     resume: Literal["auto", "never"]
     deterministic: Literal["auto", "warn"] | bool
@@ -325,12 +327,22 @@ class SegmentGenerateCfg(_Section):
         return self
 
 
+class LrnCfg(_Section):
+    size: PositiveInt
+    alpha: float = NonNegative
+    beta: float = NonNegative
+    k: PositiveFloat
+
+
 class SegNetCfg(_Section):
     target: Literal["aelab.models.segnet.SegNet"] = Field(alias="_target_")
     name: str
     channels: list[PositiveInt] = Field(min_length=1)
     convs: list[PositiveInt] = Field(min_length=1)
     kernel_size: PositiveInt
+    decoder_relu: bool
+    input_lrn: LrnCfg | None
+    init: Literal["default", "xavier", "he"]
 
     @model_validator(mode="after")
     def _one_entry_per_stage(self) -> "SegNetCfg":
@@ -383,9 +395,13 @@ class SegmentCfg(_Section):
     model: SegNetCfg | UnetCfg = Field(discriminator="target")
     data: GeneratedSegDataCfg | FolderSegDataCfg = Field(discriminator="kind")
     class_weights: Literal["median_frequency", "none"]
-    batch_size: PositiveInt
+    loss_normalization: Literal["weights", "pixels"]
+    optimizer: Literal["adamw", "sgd"]
     lr: PositiveFloat
+    momentum: float = Rate
     weight_decay: float = Field(ge=0)
+    schedule: Literal["onecycle", "none"]
+    batch_size: PositiveInt
     max_epochs: PositiveInt
     overlays: PositiveInt
     out_dir: str

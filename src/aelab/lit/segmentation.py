@@ -1,5 +1,6 @@
-"""LightningModule for semantic segmentation (SegNet or an smp U-Net): weighted cross-entropy, one-cycle Adam, and
-the SegNet paper's measures: global pixel accuracy (G), class-average accuracy (C), mean and per-class IoU."""
+"""LightningModule for semantic segmentation (SegNet or an smp U-Net): weighted cross-entropy, AdamW or SGD with a
+one-cycle or fixed learning rate, and the SegNet paper's measures: global pixel accuracy (G), class-average accuracy
+(C), mean and per-class IoU."""
 
 from __future__ import annotations
 
@@ -38,12 +39,17 @@ def summarize(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 class SegmentationModule(FastModule):
     """Trains ``model_cfg`` to label every pixel with one of ``class_names``; ``ignore_index`` pixels are skipped
-    by the loss and the metrics. ``class_weights`` (one per class) weight the cross-entropy."""
+    by the loss and the metrics. ``class_weights`` (one per class) weight the cross-entropy, whose sum is divided by
+    the labelled pixels' summed weights (``loss_normalization="weights"``, PyTorch's mean) or by their number
+    (``"pixels"``, Caffe's SegNet loss). ``optimizer`` ``adamw`` or ``sgd`` (with ``momentum``), at ``lr`` fixed
+    (``schedule="none"``) or as the peak of a one-cycle schedule over the fit (``"onecycle"``)."""
 
     cuda_precision = "bf16-mixed"
 
     def __init__(self, model_cfg: dict, in_channels: int, class_names: list[str], ignore_index: int | None = None,
-                 class_weights: list[float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0):
+                 class_weights: list[float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
+                 optimizer: str = "adamw", momentum: float = 0.9, schedule: str = "onecycle",
+                 loss_normalization: str = "weights"):
         super().__init__()
         self.save_hyperparameters()
         n = len(class_names)
@@ -59,7 +65,10 @@ class SegmentationModule(FastModule):
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ignore = -100 if self.hparams.ignore_index is None else self.hparams.ignore_index
-        return F.cross_entropy(logits.float(), y, weight=self.class_weights, ignore_index=ignore)
+        if self.hparams.loss_normalization == "weights":
+            return F.cross_entropy(logits.float(), y, weight=self.class_weights, ignore_index=ignore)
+        summed = F.cross_entropy(logits.float(), y, weight=self.class_weights, ignore_index=ignore, reduction="sum")
+        return summed / (y != ignore).sum().clamp(min=1)
 
     def train_losses(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch
@@ -90,7 +99,11 @@ class SegmentationModule(FastModule):
         self.test_metrics.reset()
 
     def configure_optimizers(self):
-        opt = self.make_optimizer("adamw", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr,
+        h = self.hparams
+        opt = self.make_optimizer(h.optimizer, lr=h.lr, weight_decay=h.weight_decay,
+                                  **({"momentum": h.momentum} if h.optimizer == "sgd" else {}))
+        if h.schedule == "none":
+            return opt
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=h.lr,
                                                     total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

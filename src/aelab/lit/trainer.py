@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from aelab.distributed import is_main_process
 from aelab.lit.fast import FastPath, TrainingDiverged
 from aelab.paths import atomic_path, write_json
 
+log = logging.getLogger(__name__)
 RESUME_ROOT = Path(".aelab-resume")  # interrupted fits' checkpoints (trainer.resume)
 PROGRESS_EVERY = 10  # batches between progress-bar redraws (a redraw per step costs the GPU its lead)
 
@@ -51,6 +54,36 @@ def resolve_deterministic(trainer_cfg) -> bool | str:
     return trainer_cfg.deterministic
 
 
+class EpochLines(ProgressBar):
+    """The progress bar where output is not a terminal (a log file, ``dvc repro`` piped): one log line per training
+    epoch, with its wall time and the progress-bar metrics, instead of a bar redrawn with carriage returns."""
+
+    def __init__(self):
+        super().__init__()
+        self._enabled, self._start = True, 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._enabled:
+            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+            log.info("epoch %d/%d in %.1f s: %s", trainer.current_epoch + 1, trainer.max_epochs,
+                     time.perf_counter() - self._start,
+                     ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+
+def progress_bar() -> ProgressBar:
+    """Lightning's bar (on stderr, as tqdm writes) where stderr is a terminal, per-epoch log lines otherwise."""
+    return TQDMProgressBar(refresh_rate=PROGRESS_EVERY) if sys.stderr.isatty() else EpochLines()
+
+
 def build_trainer(trainer_cfg, module: L.LightningModule, logger, callbacks: list[Callback] = ()) -> L.Trainer:
     """A Trainer for ``module`` on the best available device, with the fast path of ``trainer.fast``; checkpoints
     are the caller's ``ModelCheckpoint``."""
@@ -68,10 +101,12 @@ def build_trainer(trainer_cfg, module: L.LightningModule, logger, callbacks: lis
         num_nodes=trainer_cfg.num_nodes,
         precision=resolve_precision(trainer_cfg, module),
         limit_train_batches=trainer_cfg.limit_train_batches,
+        limit_val_batches=trainer_cfg.limit_val_batches,
+        limit_test_batches=trainer_cfg.limit_test_batches,
         enable_progress_bar=trainer_cfg.enable_progress_bar,
         logger=logger,
         callbacks=[FastPath(trainer_cfg.fast), *callbacks,
-                   *([TQDMProgressBar(refresh_rate=PROGRESS_EVERY)] if trainer_cfg.enable_progress_bar else [])],
+                   *([progress_bar()] if trainer_cfg.enable_progress_bar else [])],
         default_root_dir=None,
         log_every_n_steps=10,
         deterministic=deterministic,

@@ -30,7 +30,8 @@ def hidden_block(layer: nn.Module, width: int, norm: str, dropout: float, conv: 
 
 
 def init_weights(module: nn.Module, scheme: str) -> None:
-    """Xavier (Glorot) or He (Kaiming) uniform init of every Linear/Conv weight, zero biases; ``default`` keeps PyTorch's."""
+    """Xavier (Glorot) or He (Kaiming) uniform init of every Linear/Conv weight, zero biases (if any); ``default`` keeps
+    PyTorch's."""
     if scheme == "default":
         return
     for m in module.modules():
@@ -39,7 +40,8 @@ def init_weights(module: nn.Module, scheme: str) -> None:
                 nn.init.xavier_uniform_(m.weight)
             else:
                 nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class _Autoencoder(nn.Module):

@@ -274,8 +274,8 @@ def _segment(inp: Inputs) -> str:
         head += "<h4>Test IoU per class</h4>" + table(["class", "IoU"], [list(kv) for kv in iou])
     else:
         head = inp.missing("metrics")
-    return (head + inp.image("overlays", "test images with predicted classes overlaid")
-            + inp.image("confusion", "test pixel confusion matrix (row-normalised)"))
+    return (head + inp.image("overlays", "test images with their true and predicted classes, and the class colours")
+            + inp.image("confusion", "test pixel confusion matrix (row-normalised) and per-class IoU"))
 
 
 def _anomaly(inp: Inputs) -> str:

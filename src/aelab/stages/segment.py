@@ -7,8 +7,9 @@ weighted by median-frequency balancing.
 Outputs: ``<segment.out_dir>/segmenter.ckpt``, ``reports/metrics/segment.json``, ``reports/plots/segment_history.csv``,
 ``reports/plots/segment_iou.csv`` (per-class IoU), ``reports/plots/segment_confusion.csv`` (test confusion for
 DVC's confusion templates: 100 rows per true class, split in proportion to the predicted pixels, so it shows the
-row-normalised rates in percent without one row per pixel), ``reports/figures/segment_{overlays,confusion}.png``;
-one MLflow run with all of them.
+row-normalised rates in percent without one row per pixel), ``reports/figures/segment_overlays.png`` (test images,
+true and predicted labels, a legend of the class colours) and ``reports/figures/segment_confusion.png`` (the
+confusion matrix beside a per-class IoU bar chart); one MLflow run with all of them.
 """
 
 from __future__ import annotations
@@ -48,14 +49,12 @@ def confusion_rows(matrix: torch.Tensor, classes: list[str], per_class: int = 10
 
 
 @torch.inference_mode()
-def overlays(module: SegmentationModule, data: SegmentationDataModule, n: int) -> dict[str, torch.Tensor]:
-    """The first ``n`` test images with their true and predicted labels blended in."""
+def overlays(path, module: SegmentationModule, data: SegmentationDataModule, n: int):
+    """The first ``n`` test images with their true and predicted labels, as ``figures.segmentation_overlays``."""
     test = data.sets["test"]
     images, truth = (torch.stack(t) for t in zip(*(test[i] for i in range(min(n, len(test))))))
     pred = module(images.to(module.device)).argmax(1).cpu()
-    colors = dict(num_classes=len(data.info["classes"]), ignore_index=data.info["ignore_index"])
-    return {"image": images, "truth": figures.label_overlay(images, truth, **colors),
-            "prediction": figures.label_overlay(images, pred, **colors)}
+    return figures.segmentation_overlays(path, images, truth, pred, data.info["classes"], data.info["ignore_index"])
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -70,7 +69,7 @@ def main(cfg: DictConfig) -> dict:
     weights = data.class_weights() if p.class_weights == "median_frequency" else None
     module = SegmentationModule(OmegaConf.to_container(p.model, resolve=True), data.info["channels"], classes,
                                 data.info["ignore_index"], None if weights is None else weights.tolist(),
-                                p.lr, p.weight_decay)
+                                p.lr, p.weight_decay, p.optimizer, p.momentum, p.schedule, p.loss_normalization)
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"max_epochs": p.max_epochs})
     ckpt = root / p.out_dir / "segmenter.ckpt"
 
@@ -99,9 +98,11 @@ def main(cfg: DictConfig) -> dict:
         mlflow.log_metrics({**{k: v for k, v in metrics.items() if isinstance(v, float)},
                             **{re.sub(r"[^\w\-. /]", "_", f"test_iou_{name}"): v for name, v in iou.items()
                                if v is not None}})
-        paths = [figures.image_rows(root / "reports/figures/segment_overlays.png", overlays(module, data, p.overlays)),
-                 figures.confusion_matrix(root / "reports/figures/segment_confusion.png", confusion.numpy(), classes,
-                                          f"{p.model.name}: test pixels (mIoU {metrics['test_miou']:.3f})"),
+        paths = [overlays(root / "reports/figures/segment_overlays.png", module, data, p.overlays),
+                 figures.segmentation_scores(root / "reports/figures/segment_confusion.png", confusion.numpy(),
+                                             classes, module.test_iou.tolist(),
+                                             f"{p.model.name} on the test pixels: G {metrics['test_global_acc']:.3f}, "
+                                             f"C {metrics['test_class_acc']:.3f}, mIoU {metrics['test_miou']:.3f}"),
                  ckpt, *(root / f"reports/plots/segment_{name}.csv" for name in ("history", "iou", "confusion"))]
         for path in paths:
             mlflow.log_artifact(str(path))
