@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from aelab.data.resident import ResidentBatches, loader_device, trainer_epoch
+from aelab.data.resident import ResidentBatches, loader_device, trainer_epoch, trainer_shard
 from aelab.paths import atomic_path, require, write_json
 
 SPLITS = ("train", "val", "test")
@@ -276,17 +276,18 @@ class SegmentationDataModule(L.LightningDataModule):
         masks = (train.mask(i) for i in range(len(train)))
         return median_frequency_weights(masks, len(self.info["classes"]), self.info["ignore_index"])
 
-    def batches(self, split: str, device: torch.device | str,
-                epoch_of: Callable[[], int] | None = None) -> ResidentBatches:
-        """The generated ``split`` as resident batches on ``device`` (``train`` reshuffled every epoch)."""
+    def batches(self, split: str, device: torch.device | str, epoch_of: Callable[[], int] | None = None,
+                rank: int = 0, world_size: int = 1) -> ResidentBatches:
+        """The generated ``split`` as resident batches on ``device`` (``train`` reshuffled every epoch; ``rank``'s
+        share under DDP)."""
         data = self.sets[split]
         return ResidentBatches((torch.from_numpy(data.images), torch.from_numpy(data.masks)), self.batch_size,
                                split == "train", self.seed, device, prepare=_float_image_long_mask,
-                               epoch_of=epoch_of)
+                               epoch_of=epoch_of, rank=rank, world_size=world_size)
 
     def _loader(self, split: str) -> DataLoader | ResidentBatches:
         if self.resident:
-            return self.batches(split, loader_device(self), trainer_epoch(self))
+            return self.batches(split, loader_device(self), trainer_epoch(self), **trainer_shard(self))
         return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=split == "train",
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

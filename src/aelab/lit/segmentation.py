@@ -78,7 +78,7 @@ class SegmentationModule(FastModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self.model(x)
-        self.log("val_loss", self._loss(logits, y), prog_bar=True)
+        self.log("val_loss", self._loss(logits, y), prog_bar=True, sync_dist=True)
         self.val_metrics.update(logits.argmax(1), y)
 
     def on_validation_epoch_end(self) -> None:
@@ -95,6 +95,7 @@ class SegmentationModule(FastModule):
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.test_iou = values["iou"].cpu()
+        self.test_confusion_counts = self.test_confusion.compute().cpu()  # over all ranks under DDP
         self.log_dict({f"test_{k}": v for k, v in summarize(values).items()})
         self.test_metrics.reset()
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from aelab import figures
 from aelab.config import validate
 from aelab.data.segmentation import SegmentationDataModule
+from aelab.distributed import leave_process_group
 from aelab.lit.segmentation import SegmentationModule
 from aelab.lit.trainer import fit_best, resume_folder, score_test_split
 from aelab.paths import write_csv, write_json
@@ -78,6 +79,8 @@ def main(cfg: DictConfig) -> dict:
         module, history, best_val_miou = fit_best(module, data, trainer_cfg, logger, ckpt, keys=HISTORY_KEYS,
                                                   monitor="val_miou", mode="max", resume=resume_folder(cfg, "segment"))
         test = score_test_split(module, data, trainer_cfg, logger)
+        if not leave_process_group():
+            return {}  # another DDP rank: its share of the fit and test is done; rank 0 writes the outputs
         iou = {name: None if math.isnan(v) else v for name, v in zip(classes, module.test_iou.tolist())}
         rows = history.rows
         best = max(rows, key=lambda row: row["val_miou"])
@@ -88,7 +91,7 @@ def main(cfg: DictConfig) -> dict:
         log.info("segment %s on test: G %.4f, C %.4f, mIoU %.4f in %.0f s of training", p.model.name,
                  metrics["test_global_acc"], metrics["test_class_acc"], metrics["test_miou"], metrics["train_seconds"])
 
-        confusion = module.test_confusion.compute().cpu()
+        confusion = module.test_confusion_counts
         write_json(root / "reports/metrics/segment.json", metrics)
         write_csv(root / "reports/plots/segment_history.csv", rows)
         write_csv(root / "reports/plots/segment_iou.csv",
