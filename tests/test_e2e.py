@@ -64,6 +64,10 @@ def test_dvc_repro_smoke_then_only_changed_stages_rerun(repo):
     manifest = json.loads((path / "data/raw/fashion_mnist/manifest.json").read_text())
     assert manifest["files"]["train-images-idx3-ubyte.gz"]["source"] == str(FASHION / "train-images-idx3-ubyte.gz")
     assert "up to date" in run(["dvc", "status"], path, env)
+    # Within the seed spread of the committed smoke baseline (python -m aelab.spread ... -S profile=smoke)
+    out = run([sys.executable, "-m", "aelab.check_metrics", "--baseline", "reports/baseline/smoke/metrics",
+               "--spread", "reports/baseline/smoke/spread.json"], path, env)
+    assert " 0 beyond tolerance" in out
     page = (path / "reports/index.html").read_text()
     assert '<section id=' in page and 'class="status">ran<' in page
     assert not any(f'class="status">{status}<' in page for status in ("not run", "incomplete", "error"))
