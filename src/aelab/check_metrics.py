@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from aelab.tracking import flatten
+
 METRICS_DIR = "reports/metrics"
 IGNORED = ("seconds",)  # wall times: they measure the machine, not the result
 
@@ -24,18 +26,8 @@ IGNORED = ("seconds",)  # wall times: they measure the machine, not the result
 def flat_metrics(files: dict[str, dict]) -> dict[str, float]:
     """{"pretrain": {"test_mse": 0.01, "x": {"y": 2}}} -> {"pretrain.test_mse": 0.01, "pretrain.x.y": 2.0}: numbers
     only (no flags, strings or wall times)."""
-    out: dict[str, float] = {}
-
-    def walk(value, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{key}.{k}")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not any(i in key for i in IGNORED):
-            out[key] = float(value)
-
-    for name, content in files.items():
-        walk(content, name)
-    return out
+    return {key: float(value) for key, value in flatten(files).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not any(i in key for i in IGNORED)}
 
 
 def read_folder(folder: Path | str) -> dict[str, dict]:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from aelab.check_metrics import METRICS_DIR, flat_metrics, read_revision
 from aelab.paths import atomic_path, write_json
-from aelab.tracking import prepare_store, tracking_uri, use_experiment
+from aelab.tracking import start_run
 
 PREFIX = "spread-seed-"
 
@@ -69,13 +69,9 @@ def run_seed(seed: int, overrides: list[str]) -> dict[str, float]:
 
 
 def log_to_mlflow(spread: dict[str, dict], table: Path, seeds: list[int], overrides: list[str]) -> None:
-    cfg = OmegaConf.load("params.yaml")
-    uri = tracking_uri(cfg)
-    prepare_store(uri)
-    mlflow.set_tracking_uri(uri)
-    use_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run(run_name="spread", tags={"stage": "spread", "seeds": " ".join(map(str, seeds)),
-                                                   "overrides": " ".join(overrides)}):
+    """The spread as a run of stage ``spread`` under the workspace's config (params.yaml)."""
+    with start_run(OmegaConf.load("params.yaml"), "spread"):
+        mlflow.set_tags({"seeds": " ".join(map(str, seeds)), "overrides": " ".join(overrides)})
         mlflow.log_metrics({f"{k}.{s}": v[s] for k, v in spread.items() for s in ("mean", "std")})
         mlflow.log_artifact(str(table))
 
