@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--precision", default="auto", help="comma-separated precisions of the project's path")
     parser.add_argument("--out", default="reports/bench")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
     results = []
     for name in args.models:
         result = bench_model(name, args.overrides, args.epochs, args.precision.split(","))
