@@ -57,4 +57,5 @@ for s in ${STAGES:-make_segmentation_set make_color_set pretrain features denois
   timed "$s" python3 -m aelab.stages."$s" $HYDRA trainer.fast.cuda_graph=$GRAPH ||
     [ $GRAPH = false ] || timed "${s}_eager" python3 -m aelab.stages."$s" $HYDRA trainer.fast.cuda_graph=false
 done
+timed bench_segnet python3 -m aelab.bench --models segnet $BENCH segment.max_epochs=3
 column -s, -t "$RUN/stages.csv"
