@@ -1,8 +1,7 @@
 """The fast training step: what small models need to keep a GPU busy, as switches under ``trainer.fast``.
 
 A step of the deep dense autoencoder is some sixty kernels of a few microseconds each; launched one at a time from
-Python, and from Lightning's loop, the GPU mostly waits for the host. So, on CUDA (``auto``; ``conf/trainer`` sets
-``cuda_graph: false`` until a GPU run confirms the graph's fix, see the README):
+Python, and from Lightning's loop, the GPU mostly waits for the host. So, on CUDA (``auto``):
 
 - ``cuda_graph``: the forward, loss and backward of a training batch are captured once in a CUDA graph and replayed
   for every batch of that shape (one launch instead of dozens); a batch of another shape (the ragged last one) runs
