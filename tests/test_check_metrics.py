@@ -9,7 +9,7 @@ import pytest
 
 from aelab import check_metrics
 from aelab.check_metrics import compare, flat_metrics, read_revision
-from aelab.spread import markdown, summarize
+from aelab.spread import markdown, merge_into, summarize
 
 
 def test_flat_metrics_keeps_numbers_and_drops_wall_times_flags_and_text():
@@ -36,6 +36,19 @@ def test_spread_summary_and_table():
                       "b": {"mean": 5.0, "std": 0.0, "n": 2, "values": {"42": 5.0, "43": 5.0}}}
     table = markdown(spread, [42, 43], ["profile=smoke"]).splitlines()
     assert table[2] == "| metric | mean ± std | seed 42 | seed 43 |" and table[4] == "| a | 2 ± 1.4 | 1 | 3 |"
+
+
+def test_a_stage_spread_replaces_only_that_stages_metrics(tmp_path):
+    path = tmp_path / "spread.json"
+    old = {"colorize.psnr.model": {"mean": 20.7, "std": 5.1}, "colorize.gone": {"mean": 1, "std": 0},
+           "denoise.psnr.model": {"mean": 21.06, "std": 0.06}}
+    path.write_text(json.dumps({"seeds": [42, 43], "overrides": [], "metrics": old}))
+    new = {"colorize.psnr.model": {"mean": 18.0, "std": 0.2}, "colorize.per_photo.coffee.psnr.model": {"mean": 19.0}}
+    merged = merge_into(path, new, [42, 43], [], ["colorize"])
+    assert merged == {**new, "denoise.psnr.model": old["denoise.psnr.model"]}
+    assert list(merged) == sorted(merged)
+    with pytest.raises(ValueError, match=r"seeds \[42, 43\] .* not \[42, 43, 44\] .* without --stages"):
+        merge_into(path, new, [42, 43, 44], [], ["colorize"])
 
 
 def git(*args, cwd):

@@ -76,7 +76,9 @@ def write_photos(folder, n: int = 4) -> list[str]:
 
 
 def color_overrides(photos: list[str]) -> list[str]:
-    return [f"colorize.data.fallback.photos=[{','.join(photos)}]", "colorize.data.fallback.test_photos=1",
+    """The fallback on ``photos``, the last two held out for testing, and a tiny colorizer."""
+    return [f"colorize.data.fallback.photos=[{','.join(photos)}]",
+            f"colorize.data.fallback.test_photos=[{','.join(photos[-2:])}]",
             "colorize.data.fallback.patches_per_photo=30", "colorize.data.fallback.max_side=64",
             "colorize.model.channels=[8,16,32]", "colorize.max_epochs=2", "colorize.batch_size=16"]
 
@@ -180,20 +182,27 @@ def test_make_color_set_uses_cifar10_from_a_user_mirror(workdir, smoke_overrides
         assert np.array_equal(f["train"], train) and np.array_equal(f["test"], test)
 
 
-def test_fallback_patches_are_seeded_and_split_by_photograph(tmp_path):
-    photos = write_photos(tmp_path / "photos")
-    train, train_photo, test, info = photo_patches(photos, 1, 16, 25, 64, seed=3)
-    assert train.shape == (75, 16, 16, 3) and test.shape == (25, 16, 16, 3)
-    ids, counts = np.unique(train_photo, return_counts=True)
-    assert counts.tolist() == [25, 25, 25] and photos[({0, 1, 2, 3} - set(ids.tolist())).pop()] in info
-    (held_out,) = [ref for ref, entry in info.items() if entry["split"] == "test"]
+def test_fallback_patches_are_split_by_photograph_and_the_test_tiles_do_not_depend_on_the_seed(tmp_path):
+    photos = write_photos(tmp_path / "photos")  # 64x48 each
+    arrays, info = photo_patches(photos, [photos[2]], 16, 25, 64, seed=3)
+    assert arrays["train"].shape == (75, 16, 16, 3) and arrays["test"].shape == (12, 16, 16, 3)  # 4 x 3 tiles
+    assert np.bincount(arrays["train_photo"]).tolist() == [25, 25, 0, 25] and set(arrays["test_photo"]) == {2}
+    assert arrays["photo_names"].tolist() == photos
+    assert [entry["split"] for entry in info.values()] == ["train", "train", "test", "train"]
+    assert info[photos[2]]["patches"] == 12
+    assert info[photos[2]]["sha256"] == hashlib.sha256(open(photos[2], "rb").read()).hexdigest()
+    held_out = np.array(Image.open(photos[2]))
+    assert np.array_equal(arrays["test"][5], held_out[16:32, 16:32])  # row 1, column 1
+    rows = arrays["test"].reshape(3, 4, 16, 16, 3)
+    tiled = np.concatenate([np.concatenate(list(row), axis=1) for row in rows])
+    assert np.array_equal(tiled, held_out)  # every pixel once
     hue_of = lambda patches: patches.reshape(len(patches), -1, 3).mean(axis=1).argmax(axis=1)  # noqa: E731
-    held_out_hue = np.array(Image.open(held_out)).reshape(-1, 3).mean(axis=0).argmax()
-    assert set(hue_of(test)) == {held_out_hue}
-    assert (hue_of(train) == held_out_hue).sum() <= 25  # only the one other photo of the same dominant channel
-    again = photo_patches(photos, 1, 16, 25, 64, seed=3)
-    assert np.array_equal(again[0], train) and np.array_equal(again[2], test)
-    assert info[held_out]["sha256"] == hashlib.sha256(open(held_out, "rb").read()).hexdigest()
+    assert (hue_of(arrays["train"]) == hue_of(arrays["test"][:1])[0]).sum() <= 25  # the other photo of that hue
+    again, _ = photo_patches(photos, [photos[2]], 16, 25, 64, seed=3)
+    other_seed, _ = photo_patches(photos, [photos[2]], 16, 25, 64, seed=4)
+    assert all(np.array_equal(again[k], arrays[k]) for k in arrays)
+    assert np.array_equal(other_seed["test"], arrays["test"])
+    assert not np.array_equal(other_seed["train"], arrays["train"])
 
 
 def test_validation_holds_out_whole_photographs():
@@ -207,20 +216,24 @@ def test_validation_holds_out_whole_photographs():
 
 
 def test_fallback_errors_are_clear(tmp_path):
-    photos = write_photos(tmp_path / "photos", n=2)
-    with pytest.raises(FallbackError, match=r"2 fallback photograph\(s\) cannot be split"):
-        photo_patches(photos, 2, 16, 5, 64, seed=0)
+    photos = write_photos(tmp_path / "photos", n=3)
+    with pytest.raises(FallbackError, match=r"3 fallback photograph\(s\) with 2 held out .* fewer than two"):
+        photo_patches(photos, photos[:2], 16, 5, 64, seed=0)
+    with pytest.raises(FallbackError, match=r"\['x.png'\] are not among the fallback photos"):
+        photo_patches(photos, ["x.png"], 16, 5, 64, seed=0)
     with pytest.raises(FallbackError, match=r"not found"):
-        photo_patches([photos[0], str(tmp_path / "nope.png")], 1, 16, 5, 64, seed=0)
+        photo_patches([*photos, str(tmp_path / "nope.png")], [photos[0]], 16, 5, 64, seed=0)
     with pytest.raises(FallbackError, match=r"smaller than patch_size=32"):
-        photo_patches(photos, 1, 32, 5, 24, seed=0)
+        photo_patches(photos, [photos[0]], 32, 5, 24, seed=0)
     assert resolve_photo("skimage:data/astronaut.png").is_file()
     with pytest.raises(FallbackError, match="package 'no_such_pkg' is not installed"):
         resolve_photo("no_such_pkg:data/x.png")
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["colorize.data.fallback.photos=[a.png,b.png]"], r"colorize\.data\.fallback\.test_photos: .*fewer than two"),
+    (["colorize.data.fallback.photos=[a.png,b.png]"], r"colorize\.data\.fallback\.test_photos: .*not among"),
+    (["colorize.data.fallback.photos=[a.png,b.png]", "colorize.data.fallback.test_photos=[a.png]"],
+     r"colorize\.data\.fallback\.test_photos: .*1 test photograph\(s\) out of 2 .*fewer than two"),
     (["colorize.data.dataset=fashion_mnist"], r"colorize\.data\.dataset: .*1-channel images but 3-channel"),
     (["colorize.data.fallback.patch_size=20"], r"colorize\.data\.fallback\.patch_size"),
 ])
@@ -243,14 +256,18 @@ def test_color_stages_on_the_fallback(workdir, smoke_overrides, monkeypatch):
 
     manifest = make_color_set.main(cfg)
     assert manifest["source"] == "fallback" and "no sources configured" in manifest["reason"]
-    assert manifest["train"] == [120, 32, 32, 3] and manifest["test"] == [30, 32, 32, 3]
-    assert sum(e["split"] == "test" for e in manifest["fallback"]["photos"].values()) == 1
+    assert manifest["train"] == [90, 32, 32, 3] and manifest["test"] == [4, 32, 32, 3]  # 2 x 1 tiles of 2 photos
+    assert sum(e["split"] == "test" for e in manifest["fallback"]["photos"].values()) == 2
     assert json.loads((workdir / "data/color/manifest.json").read_text()) == manifest
 
     metrics = colorize.main(cfg)
-    assert metrics["fallback"] == 1 and metrics["test_images"] == 30 and metrics["epochs"] == 2
+    assert metrics["fallback"] == 1 and metrics["test_images"] == 4 and metrics["epochs"] == 2
     for metric in ("psnr", "ssim", "ab_mae"):
         assert set(metrics[metric]) == {"model", "gray"} and all(math.isfinite(v) for v in metrics[metric].values())
+    assert set(metrics["per_photo"]) == {"photo3", "photo4"}
+    gains = [p["psnr_gain_vs_gray"] for p in metrics["per_photo"].values()]
+    assert metrics["per_photo_std"]["psnr_gain_vs_gray"] == pytest.approx(float(np.std(gains, ddof=1)))
+    assert metrics["psnr_gain_vs_gray"] == pytest.approx(metrics["psnr"]["model"] - metrics["psnr"]["gray"])
     assert set(metrics["colorfulness"]) == {"model", "gray", "true"}
     assert json.loads((workdir / "reports/metrics/colorize.json").read_text()) == metrics
     assert (workdir / "reports/figures/colorize_grid.png").stat().st_size > 1000

@@ -55,7 +55,9 @@ FIXTURES = {
                                             "0.1,18.2,17.8,18.5,18.9\n0.3,21.8,13.0,13.6,15.1\n",
     "reports/metrics/colorize.json": {"psnr": {"model": 16.1, "gray": 17.4}, "ssim": {"model": 0.68, "gray": 0.86},
                                       "ab_mae": {"model": 28.5, "gray": 25.9},
-                                      "colorfulness": {"model": 49.9, "gray": 0.0, "true": 44.7}, "fallback": 1},
+                                      "colorfulness": {"model": 49.9, "gray": 0.0, "true": 44.7}, "fallback": 1,
+                                      "per_photo": {"coffee": {"psnr": {"model": 19.5, "gray": 18.25},
+                                                               "psnr_gain_vs_gray": 1.25, "ssim_gain_vs_gray": -0.05}}},
     "reports/figures/colorize_grid.png": None,
     "reports/metrics/segment.json": {"model": "segnet", "test_global_acc": 0.96, "test_class_acc": 0.87,
                                      "test_miou": 0.69, "best_val_miou": 0.7, "epochs": 4,
@@ -128,6 +130,7 @@ def test_report_from_every_stage_has_every_section(workdir):
     assert 'src="data:image/png;base64,' in html and "http://" not in html and "https://" not in html
     assert "ROC-AUC: raw 0.9926, codes 0.9946" in html and "mean ROC-AUC: AE 0.900" in html  # overview headlines
     assert "8d36" * 16 in html  # the manifest's checksums
+    assert "<td>coffee</td>" in html and "1.25" in html  # colorize's held-out photographs, one by one
     runs = mlflow.search_runs(experiment_names=["aelab"], output_format="list")
     assert [r.data.tags["stage"] for r in runs] == ["report"]
     assert "index.html" in {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}

@@ -238,18 +238,23 @@ class DenoiseCfg(_Section):
 
 class ColorFallbackCfg(_Section):
     photos: list[str]
-    test_photos: PositiveInt
+    test_photos: list[str] = Field(min_length=1)
     patch_size: int = Field(ge=16, multiple_of=8)
     patches_per_photo: PositiveInt
     max_side: PositiveInt
 
     @field_validator("test_photos")
     @classmethod
-    def _leaves_training_photos(cls, test_photos: int, info) -> int:
-        n = len(info.data.get("photos", []))
-        if test_photos > n - 2:
-            raise ValueError(f"{test_photos} test photograph(s) out of {n} listed leaves fewer than two for training "
-                             "and validation (both hold whole photos): list more photos or hold out fewer")
+    def _named_and_leaving_training_photos(cls, test_photos: list[str], info) -> list[str]:
+        photos = info.data.get("photos", [])
+        unknown = [ref for ref in test_photos if ref not in photos]
+        if unknown:
+            raise ValueError(f"{unknown} not among colorize.data.fallback.photos: test photographs are named from "
+                             "that list")
+        if len(photos) - len(set(test_photos)) < 2:
+            raise ValueError(f"{len(set(test_photos))} test photograph(s) out of {len(photos)} listed leaves fewer "
+                             "than two for training and validation (both hold whole photos): list more photos or hold "
+                             "out fewer")
         return test_photos
 
 

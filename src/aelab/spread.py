@@ -6,11 +6,15 @@ in a temporary copy (``dvc exp run --temp -n spread-seed-<seed> -S seed=<seed>``
 each experiment's committed ``reports/metrics/*.json`` from its git ref, and writes the mean, standard deviation
 and values of every metric to ``reports/spread.json`` and ``reports/spread.md`` and to an MLflow run (stage
 ``spread``). ``python -m aelab.check_metrics`` takes its tolerances from that file.
+
+``--stages colorize ...`` reruns only those stages (and what they need) per seed, and replaces only their metrics
+(``reports/metrics/<stage>.json``) in the existing spread file: for a change that moves one stage's numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 from pathlib import Path
@@ -56,16 +60,30 @@ def experiment_ref(name: str) -> str:
     return matches[0]
 
 
-def run_seed(seed: int, overrides: list[str]) -> dict[str, float]:
-    """The pipeline for ``seed`` as a DVC experiment in a temporary copy; its metrics, flattened."""
+def run_seed(seed: int, overrides: list[str], stages: list[str] | None = None) -> dict[str, float]:
+    """The pipeline (or ``stages``) for ``seed`` as a DVC experiment in a temporary copy; its metrics (those of
+    ``stages``), flattened."""
     name = f"{PREFIX}{seed}"
     subprocess.run(["dvc", "exp", "remove", name], capture_output=True)  # a previous spread's experiment
     cmd = ["dvc", "exp", "run", "--temp", "-n", name, "-S", f"seed={seed}"]
     for override in overrides:
         cmd += ["-S", override]
+    cmd += stages or []
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return flat_metrics(read_revision(experiment_ref(name), METRICS_DIR))
+    files = read_revision(experiment_ref(name), METRICS_DIR)
+    return flat_metrics({stage: m for stage, m in files.items() if not stages or stage in stages})
+
+
+def merge_into(path: Path, spread: dict[str, dict], seeds: list[int], overrides: list[str],
+               stages: list[str]) -> dict[str, dict]:
+    """The spread file at ``path`` with the metrics of ``stages`` replaced by ``spread``'s."""
+    old = json.loads(path.read_text())
+    if old["seeds"] != seeds or old["overrides"] != overrides:
+        raise ValueError(f"{path} has seeds {old['seeds']} and overrides {old['overrides']}, not {seeds} and "
+                         f"{overrides}: rerun the whole spread, without --stages")
+    kept = {k: v for k, v in old["metrics"].items() if k.split(".", 1)[0] not in stages}
+    return dict(sorted({**kept, **spread}.items()))
 
 
 def log_to_mlflow(spread: dict[str, dict], table: Path, seeds: list[int], overrides: list[str]) -> None:
@@ -81,12 +99,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                         help="a Hydra override for every seed's run, as dvc exp run -S takes it")
+    parser.add_argument("--stages", nargs="+",
+                        help="only these stages: their metrics replace theirs in the spread file")
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
     if len(args.seeds) < 2:
         parser.error("--seeds: a spread needs at least two seeds")
-    runs = {seed: run_seed(seed, args.overrides) for seed in args.seeds}
+    runs = {seed: run_seed(seed, args.overrides, args.stages) for seed in args.seeds}
     spread = summarize(runs)
+    if args.stages:
+        spread = merge_into(args.out / "spread.json", spread, args.seeds, args.overrides, args.stages)
     write_json(args.out / "spread.json", {"seeds": args.seeds, "overrides": args.overrides, "metrics": spread})
     table = args.out / "spread.md"
     with atomic_path(table) as tmp:

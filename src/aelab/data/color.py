@@ -95,21 +95,32 @@ def resolve_photo(ref: str) -> Path:
         raise FallbackError(f"fallback photo {ref!r}: package {package!r} is not installed") from None
 
 
-def photo_patches(photos: list[str], test_photos: int, patch_size: int, patches_per_photo: int, max_side: int,
-                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Random ``patch_size`` crops of each photograph (shrunk to at most ``max_side`` per side), split by photo.
+def grid_tiles(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The non-overlapping ``size`` x ``size`` tiles of an (H, W, 3) image, row by row from the top left."""
+    h, w, _ = pixels.shape
+    return np.stack([pixels[y:y + size, x:x + size] for y in range(0, h - size + 1, size)
+                     for x in range(0, w - size + 1, size)])
 
-    A seeded permutation of ``photos`` holds out the first ``test_photos`` whole for the test set. Returns the
-    train patches, the index in ``photos`` each train patch was cut from, the test patches (patches: uint8
-    (N, patch_size, patch_size, 3)) and a description of every photograph used.
+
+def photo_patches(photos: list[str], test_photos: list[str], patch_size: int, patches_per_photo: int, max_side: int,
+                  seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Patches of each photograph (shrunk to at most ``max_side`` per side), split by photo.
+
+    The ``test_photos`` (refs among ``photos``) are held out whole and cut into the grid of non-overlapping
+    ``patch_size`` tiles: every pixel scored once, and the same test set whatever the seed. The others give
+    ``patches_per_photo`` random crops each, drawn with ``seed``. Returns the arrays ``train``, ``test`` (uint8
+    (N, patch_size, patch_size, 3)), ``train_photo``, ``test_photo`` (each patch's index in ``photo_names``) and
+    ``photo_names`` (the refs), and a description of every photograph used.
     """
-    if test_photos >= len(photos):
-        raise FallbackError(f"{len(photos)} fallback photograph(s) cannot be split into train and test by photo "
-                            f"with {test_photos} held out for testing: list more photos")
+    unknown = [ref for ref in test_photos if ref not in photos]
+    if unknown:
+        raise FallbackError(f"test photograph(s) {unknown} are not among the fallback photos {photos}")
+    if len(photos) - len(set(test_photos)) < 2:
+        raise FallbackError(f"{len(photos)} fallback photograph(s) with {len(set(test_photos))} held out for testing "
+                            "leave fewer than two for training and validation: list more photos")
     rng = np.random.default_rng(seed)
-    test = set(rng.permutation(len(photos))[:test_photos].tolist())
-    splits: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    train_photo = []
+    patches: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    photo_of: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     info = {}
     for i, ref in enumerate(photos):
         path = resolve_photo(ref)
@@ -122,15 +133,21 @@ def photo_patches(photos: list[str], test_photos: int, patch_size: int, patches_
         if min(h, w) < patch_size:
             raise FallbackError(f"fallback photo {ref!r} is {w}x{h} after shrinking to max_side={max_side}: "
                                 f"smaller than patch_size={patch_size}")
-        ys = rng.integers(0, h - patch_size + 1, patches_per_photo)
-        xs = rng.integers(0, w - patch_size + 1, patches_per_photo)
-        split = "test" if i in test else "train"
-        splits[split].append(np.stack([pixels[y:y + patch_size, x:x + patch_size] for y, x in zip(ys, xs)]))
-        if split == "train":
-            train_photo.append(np.full(patches_per_photo, i))
-        info[ref] = {"split": split, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                     "size": [w, h], "patches": patches_per_photo}
-    return np.concatenate(splits["train"]), np.concatenate(train_photo), np.concatenate(splits["test"]), info
+        split = "test" if ref in test_photos else "train"
+        if split == "test":
+            cut = grid_tiles(pixels, patch_size)
+        else:
+            ys = rng.integers(0, h - patch_size + 1, patches_per_photo)
+            xs = rng.integers(0, w - patch_size + 1, patches_per_photo)
+            cut = np.stack([pixels[y:y + patch_size, x:x + patch_size] for y, x in zip(ys, xs)])
+        patches[split].append(cut)
+        photo_of[split].append(np.full(len(cut), i))
+        info[ref] = {"split": split, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": [w, h],
+                     "patches": len(cut)}
+    arrays = {split: np.concatenate(patches[split]) for split in patches}
+    arrays.update({f"{split}_photo": np.concatenate(photo_of[split]) for split in photo_of})
+    arrays["photo_names"] = np.array(photos)
+    return arrays, info
 
 
 def split_by_photo(photo: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,13 +166,17 @@ class ColorDataModule(ImageDataModule):
 
     Train/val: a seeded split of the first ``train_limit`` training images (for the photograph fallback, by
     photograph, so validation measures colors of unseen photos as the test does); test: the test images, whose
-    original RGB is kept as ``test_rgb`` for scoring.
+    original RGB is kept as ``test_rgb`` for scoring. ``test_groups``: for the fallback, the test images of each
+    held-out photograph (name -> indices); empty for a catalog set.
     """
 
     def setup(self, stage: str | None = None) -> None:
         with np.load(require(Path(self.data_cfg.data.out_dir) / "images.npz", "make_color_set")) as f:
             train, test = f["train"][:self.data_cfg.train_limit], f["test"]
             photo = f["train_photo"][:self.data_cfg.train_limit] if "train_photo" in f.files else None
+            self.test_groups = ({Path(str(name)).stem: np.flatnonzero(f["test_photo"] == i)
+                                 for i, name in enumerate(f["photo_names"]) if (f["test_photo"] == i).any()}
+                                if "test_photo" in f.files else {})
         if photo is None:
             train_idx, val_idx = split_indices(len(train), self.data_cfg.val_fraction, self.seed)
         else:

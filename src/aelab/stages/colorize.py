@@ -4,7 +4,8 @@ Why Lab: see aelab.data.color; the output keeps the input's luminance exactly an
 Scored on the test images against the baseline "grayscale replicated to three channels" (L with ab = 0):
 PSNR and SSIM of the RGB image, mean absolute error of ab (Lab units), and the Hasler-Suesstrunk colorfulness
 of predicted, true and gray images. When make_color_set fell back to photograph patches the metrics say so
-(``fallback``: 1) and so do the MLflow tag ``color_source`` and the figure.
+(``fallback``: 1) and so do the MLflow tag ``color_source`` and the figure; the test photographs are then also
+scored one by one (``per_photo``, and the standard deviation of the gains over them, ``per_photo_std``).
 
 Outputs: ``models/colorize/colorizer.ckpt``, ``reports/metrics/colorize.json``, ``reports/plots/colorize_loss.csv``,
 ``reports/figures/colorize_grid.png``; one MLflow run with all of them.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import hydra
@@ -56,6 +58,12 @@ def evaluate(module: ImageToImageModule, l_in: torch.Tensor, ab: torch.Tensor, r
             "colorfulness": {k: v / len(l_in) for k, v in colorful.items()}}
 
 
+def with_gains(result: dict) -> dict:
+    """``evaluate``'s result with the model's PSNR and SSIM gains over the gray baseline."""
+    return {**result, "psnr_gain_vs_gray": result["psnr"]["model"] - result["psnr"]["gray"],
+            "ssim_gain_vs_gray": result["ssim"]["model"] - result["ssim"]["gray"]}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @publishes_outputs
 def main(cfg: DictConfig) -> dict:
@@ -78,14 +86,22 @@ def main(cfg: DictConfig) -> dict:
         mlflow.set_tag("color_source", source)
 
         l_in, ab = data.test_set.tensors
-        result = evaluate(module, l_in, ab, data.test_rgb)
+        result = with_gains(evaluate(module, l_in, ab, data.test_rgb))
+        per_photo = {name: with_gains(evaluate(module, l_in[idx], ab[idx], data.test_rgb[idx]))
+                     for name, idx in data.test_groups.items()}
         metrics = {**result, "fallback": int(fallback), "test_images": len(l_in), "train_images": len(data.train_set),
-                   "psnr_gain_vs_gray": result["psnr"]["model"] - result["psnr"]["gray"],
-                   "ssim_gain_vs_gray": result["ssim"]["model"] - result["ssim"]["gray"],
                    "best_val_loss": best_val, **history.summary(module)}
+        if per_photo:
+            metrics["per_photo"] = per_photo
+        if len(per_photo) > 1:
+            metrics["per_photo_std"] = {key: statistics.stdev(p[key] for p in per_photo.values())
+                                        for key in ("psnr_gain_vs_gray", "ssim_gain_vs_gray")}
         label = "fallback photo patches" if fallback else c.data.dataset
         log.info("colorize (%s) on %d test images: %s", label, len(l_in),
                  {k: result[k] for k in ("psnr", "ssim", "ab_mae", "colorfulness")})
+        for name, scores in per_photo.items():
+            log.info("  test photograph %s: PSNR %.2f dB (gray %.2f), gain %+.2f dB", name, scores["psnr"]["model"],
+                     scores["psnr"]["gray"], scores["psnr_gain_vs_gray"])
 
         write_json(root / "reports/metrics/colorize.json", metrics)
         write_csv(root / "reports/plots/colorize_loss.csv", history.rows)

@@ -2,13 +2,15 @@
 
 CIFAR-10 comes through the download machinery (canonical URL, md5, retries and resume, atomic writes, the user
 mirror ``colorize.data.mirror`` or AELAB_MIRROR). When no source can provide it and ``colorize.data.fallback``
-is set, the offline fallback is used instead: random crops, with a fixed seed, of color photographs that
-installed packages ship, split into train and test by photograph so that no test patch shares a photo with
-training. ``manifest.json`` records which source was used and why.
+is set, the offline fallback is used instead: color photographs that installed packages ship, split into train
+and test by photograph so that no test patch shares a photo with training: seeded random crops of the training
+photographs, and the grid of tiles of the named test photographs (the same whatever the seed).
+``manifest.json`` records which source was used and why.
 
-Outputs: ``<out_dir>/images.npz`` (``train``, ``test``: uint8 N x H x W x 3; for the fallback also ``train_photo``,
-the photograph of each training patch, so validation can hold out whole photos), ``<out_dir>/manifest.json``, and
-for CIFAR-10 the verified tarball in ``<out_dir>/cifar10/``.
+Outputs: ``<out_dir>/images.npz`` (``train``, ``test``: uint8 N x H x W x 3; for the fallback also ``train_photo``
+and ``test_photo``, each patch's photograph as an index into ``photo_names``, so validation can hold out whole
+photos and the test is scored per photo), ``<out_dir>/manifest.json``, and for CIFAR-10 the verified tarball in
+``<out_dir>/cifar10/``.
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ def main(cfg: DictConfig) -> dict:
                                 "colorize.data.fallback is null, so there is no offline fallback") from exc
         log.warning("%s unavailable, using the offline fallback (photograph patches): %s", spec.name, exc)
         fb = OmegaConf.to_container(d.fallback, resolve=True)
-        train, train_photo, test, photos = photo_patches(fb["photos"], fb["test_photos"], fb["patch_size"],
-                                                         fb["patches_per_photo"], fb["max_side"], cfg.seed)
-        arrays = {"train": train, "train_photo": train_photo, "test": test}
+        arrays, photos = photo_patches(fb["photos"], fb["test_photos"], fb["patch_size"], fb["patches_per_photo"],
+                                       fb["max_side"], cfg.seed)
+        train, test = arrays["train"], arrays["test"]
         manifest = {"dataset": spec.name, "source": "fallback", "reason": str(exc),
                     "fallback": {**{k: v for k, v in fb.items() if k != "photos"}, "seed": cfg.seed, "photos": photos}}
     manifest.update(train=list(train.shape), test=list(test.shape))

@@ -259,8 +259,12 @@ def _colorize(inp: Inputs) -> str:
         return inp.missing("metrics") + inp.image("grid", "gray input / colorized / true colours")
     note = ("<p>The colour data set was unreachable: trained and scored on photograph patches instead.</p>"
             if m.get("fallback") else "")
+    per_photo = m.get("per_photo", {})
+    photos = table(["held-out photograph", "PSNR model (dB)", "PSNR gray (dB)", "PSNR gain (dB)", "SSIM gain"],
+                   [[name, p["psnr"]["model"], p["psnr"]["gray"], p["psnr_gain_vs_gray"], p["ssim_gain_vs_gray"]]
+                    for name, p in per_photo.items()]) if per_photo else ""
     return (_by_method(m, {"psnr": "PSNR (dB)", "ssim": "SSIM", "ab_mae": "ab MAE (Lab)",
-                           "colorfulness": "colorfulness"}, ["model", "gray", "true"]) + note
+                           "colorfulness": "colorfulness"}, ["model", "gray", "true"]) + note + photos
             + inp.image("grid", "gray input / colorized / true colours"))
 
 
