@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import lightning
 import mlflow
 import pytest
 import torch
+import xgboost
 from mlflow import MlflowClient
 
 from aelab.tracking import project_root, start_run, tracking_uri
@@ -143,7 +145,8 @@ def test_a_stage_run_carries_its_data_as_an_input_and_the_environment(tiny_raw, 
     assert [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
     assert data.dataset.source_type == "local" and "data/raw/fashion_mnist" in data.dataset.source
     tags = run.data.tags
-    assert tags["env.torch"] and tags["env.lightning"] and tags["env.cpu"] and int(tags["env.torch_threads"]) > 0
+    assert tags["env.torch"] and tags["env.cpu"] and int(tags["env.torch_threads"]) > 0
+    assert (tags["env.lightning"], tags["env.xgboost"]) == (lightning.__version__, xgboost.__version__)
     assert tags["env.device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     experiment = mlflow.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs

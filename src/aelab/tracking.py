@@ -10,6 +10,7 @@ import socket
 import subprocess
 import warnings
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,16 +112,24 @@ def cpu_model() -> str:
                 platform.processor() or "unknown")
 
 
+def installed_version(module: str) -> str:
+    """The version of the distribution that installs ``module`` (e.g. xgboost from xgboost-cpu), read from its
+    metadata without importing it (importing lightning alone takes seconds)."""
+    for dist in packages_distributions().get(module, [module]):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "not installed"
+
+
 def environment_tags() -> dict[str, str]:
     """What can explain different numbers from the same commit and data: package versions, the device, the CPU model
     and the thread count."""
-    import lightning
-    import numpy
     import torch
-    import xgboost
 
-    return {"env.python": platform.python_version(), "env.torch": torch.__version__,
-            "env.lightning": lightning.__version__, "env.numpy": numpy.__version__, "env.xgboost": xgboost.__version__,
+    versions = {f"env.{name}": installed_version(name) for name in ("lightning", "numpy", "xgboost")}
+    return {"env.python": platform.python_version(), "env.torch": torch.__version__, **versions,
             "env.mlflow": mlflow.__version__, "env.cpu": cpu_model(), "env.torch_threads": str(torch.get_num_threads()),
             "env.device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
