@@ -52,6 +52,7 @@ timed bench_ae python3 -m aelab.bench --models deep conv $BENCH trainer.fast.cud
 timed bench_ae_graph python3 -m aelab.bench --models deep conv $BENCH --out reports/bench/graph \
   trainer.fast.cuda_graph=true
 timed download unshare -n python3 -m aelab.stages.download $HYDRA
+timed import_probe python3 -X importtime -c "import aelab.stages.pretrain"  # where a stage's fixed cost goes
 for s in ${STAGES:-make_segmentation_set make_color_set pretrain features denoise colorize segment lr_search \
          momentum_search regularization anomaly tabular downstream report}; do
   timed "$s" python3 -m aelab.stages."$s" $HYDRA trainer.fast.cuda_graph=$GRAPH ||
