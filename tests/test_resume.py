@@ -64,3 +64,24 @@ def test_a_rerun_on_this_machine_gives_identical_metrics(tiny_raw, smoke_overrid
         runs.append(({k: v for k, v in metrics.items() if "seconds" not in k}, loss_rows(tiny_raw)))
     assert runs[0] == runs[1]
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_signal_whose_unwinding_fails_still_stops_the_stage_as_that_signal(tiny_raw, smoke_overrides, monkeypatch):
+    """The signal lands while a checkpoint is written, say, and the writer fails as the signal unwinds it: the stage
+    still exits 128 + the signal and its MLflow run is KILLED, not an ordinary failure."""
+    def interrupted_while_writing(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            try:
+                raise StageInterrupted(signal.SIGINT)
+            finally:
+                raise RuntimeError("PytorchStreamWriter failed writing file")
+        start_epoch(self, trainer, pl_module)
+
+    start_epoch = EpochHistory.on_train_epoch_start
+    monkeypatch.setattr(EpochHistory, "on_train_epoch_start", interrupted_while_writing)
+    with pytest.raises(SystemExit) as stopped:
+        pretrain.main(compose_cfg(*smoke_overrides, "trainer.max_epochs=3"))
+    assert stopped.value.code == 128 + signal.SIGINT
+    (run,) = mlflow.search_runs(experiment_names=["aelab"], output_format="list")
+    assert run.info.status == "KILLED"
+    assert not (tiny_raw / "reports/metrics/pretrain.json").exists()

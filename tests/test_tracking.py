@@ -114,7 +114,7 @@ def test_a_signal_during_training_fails_the_stage_and_kills_its_run(tiny_raw, sm
         time.sleep(0.5)
     time.sleep(2)
     stage.send_signal(signum)
-    assert stage.wait(timeout=120) == 128 + signum
+    assert stage.wait(timeout=120) == 128 + signum, stage.stderr.read()[-3000:]
     run = MlflowClient(f"sqlite:///{db}").search_runs(
         [MlflowClient(f"sqlite:///{db}").get_experiment_by_name("aelab").experiment_id])[0]
     assert run.info.status == "KILLED"

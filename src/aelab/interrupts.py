@@ -3,7 +3,8 @@
 Within :func:`signals_interrupt` either signal raises :class:`StageInterrupted` in the main thread, so the stage
 unwinds (its MLflow run marked KILLED, its outputs not published) and the process exits with 128 + the signal's
 number, as a shell reports a process killed by it. Lightning's own SIGTERM handler (which would end the fit and
-exit 0) runs first and then hands over to this one.
+exit 0) runs first and then hands over to this one. Code that fails while unwinding from the signal (a checkpoint
+half written when it came, say) raises another exception chained to it; that still counts as the signal.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ def _raise(signum: int, frame) -> None:
     raise StageInterrupted(signum)
 
 
+def interrupting_signal(exc: BaseException) -> int | None:
+    """The signal behind ``exc``: its own if it is a StageInterrupted, else that of a StageInterrupted it was raised
+    while handling (its ``__context__`` chain); None if no signal is involved."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StageInterrupted):
+            return exc.signum
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
+
+
 @contextmanager
 def signals_interrupt():
     """SIGTERM and SIGINT raise StageInterrupted inside the block; one that ends it exits the process with
@@ -38,8 +51,11 @@ def signals_interrupt():
     previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
     try:
         yield
-    except StageInterrupted as err:
-        raise SystemExit(128 + err.signum) from err
+    except BaseException as err:
+        signum = interrupting_signal(err)
+        if signum is None:
+            raise
+        raise SystemExit(128 + signum) from err
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

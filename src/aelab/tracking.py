@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from aelab.distributed import is_main_process
-from aelab.interrupts import StageInterrupted, process_alive, signals_interrupt
+from aelab.interrupts import interrupting_signal, process_alive, signals_interrupt
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import MLFlowLogger
@@ -205,8 +205,9 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
             log_dataset(manifest, tags["dataset"], tags["dataset_manifest_sha256"])
         try:
             yield run
-        except StageInterrupted:  # a child run the signal cut short was closed (FAILED) by its own block already
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        except BaseException as err:  # a child run the signal cut short was closed (FAILED) by its own block already
+            if interrupting_signal(err) is not None:
+                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
 
 
