@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -112,10 +113,16 @@ def cpu_model() -> str:
                 platform.processor() or "unknown")
 
 
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    """Import name -> the distributions installing it (a scan of every installed package: once per process)."""
+    return packages_distributions()
+
+
 def installed_version(module: str) -> str:
     """The version of the distribution that installs ``module`` (e.g. xgboost from xgboost-cpu), read from its
     metadata without importing it (importing lightning alone takes seconds)."""
-    for dist in packages_distributions().get(module, [module]):
+    for dist in _distributions().get(module, [module]):
         try:
             return version(dist)
         except PackageNotFoundError:

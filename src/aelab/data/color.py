@@ -174,9 +174,8 @@ class ColorDataModule(ImageDataModule):
         with np.load(require(Path(self.data_cfg.data.out_dir) / "images.npz", "make_color_set")) as f:
             train, test = f["train"][:self.data_cfg.train_limit], f["test"]
             photo = f["train_photo"][:self.data_cfg.train_limit] if "train_photo" in f.files else None
-            self.test_groups = ({Path(str(name)).stem: np.flatnonzero(f["test_photo"] == i)
-                                 for i, name in enumerate(f["photo_names"]) if (f["test_photo"] == i).any()}
-                                if "test_photo" in f.files else {})
+            test_photo, names = (f["test_photo"], f["photo_names"]) if "test_photo" in f.files else ([], [])
+        self.test_groups = {Path(str(names[i])).stem: np.flatnonzero(test_photo == i) for i in np.unique(test_photo)}
         if photo is None:
             train_idx, val_idx = split_indices(len(train), self.data_cfg.val_fraction, self.seed)
         else:
