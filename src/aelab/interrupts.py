@@ -5,6 +5,10 @@ unwinds (its MLflow run marked KILLED, its outputs not published) and the proces
 number, as a shell reports a process killed by it. Lightning's own SIGTERM handler (which would end the fit and
 exit 0) runs first and then hands over to this one. Code that fails while unwinding from the signal (a checkpoint
 half written when it came, say) raises another exception chained to it; that still counts as the signal.
+
+A signal that arrives while the MLflow store is writing waits until the write is done: an exception raised inside
+a store transaction leaves sqlite locked (or the session broken) in this process, and the run could then not be
+marked KILLED at all. The signal is sent again every ``RETRY_S`` until it lands outside the store.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import threading
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STORE_MODULES = ("mlflow.store", "sqlalchemy", "sqlite3")  # where an exception can leave the tracking store wedged
+RETRY_S = 0.01
 
 
 class StageInterrupted(BaseException):
@@ -26,7 +32,19 @@ class StageInterrupted(BaseException):
 
 
 def _raise(signum: int, frame) -> None:
+    if in_store(frame):
+        threading.Timer(RETRY_S, os.kill, (os.getpid(), signum)).start()
+        return
     raise StageInterrupted(signum)
+
+
+def in_store(frame) -> bool:
+    """Whether ``frame`` or a caller of it runs code of the tracking store (``STORE_MODULES``)."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(STORE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def interrupting_signal(exc: BaseException) -> int | None:
