@@ -14,6 +14,7 @@ from aelab.lit import fast
 from aelab.lit.fast import FastSettings, GraphedStep, TrainingDiverged, resolve_fast
 from aelab.stages import pretrain
 from aelab.lit.segmentation import SegmentationModule
+import aelab.lit.trainer as trainer_module
 from aelab.lit.trainer import fit_best, resolve_precision
 from conftest import compose_cfg
 
@@ -21,10 +22,11 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 FAST = OmegaConf.create({"cuda_graph": "auto", "fused_optimizer": "auto", "channels_last": "auto"})
 
 
-def test_auto_switches_everything_on_for_cuda_and_off_for_cpu():
+def test_auto_switches_everything_on_for_cuda_and_only_channels_last_for_conv_nets_on_cpu():
     dense = autoencoder_module(compose_cfg("model=deep"))
     conv = autoencoder_module(compose_cfg("model=conv"))
-    assert resolve_fast(FAST, torch.device("cpu"), "32-true", conv) == FastSettings()
+    assert resolve_fast(FAST, torch.device("cpu"), "32-true", conv) == FastSettings(channels_last=True)
+    assert resolve_fast(FAST, torch.device("cpu"), "32-true", dense) == FastSettings()
     assert resolve_fast(FAST, torch.device("cuda"), "32-true", conv) == FastSettings(True, True, True)
     assert resolve_fast(FAST, torch.device("cuda"), "32-true", dense) == FastSettings(True, True, False)
     assert not resolve_fast(FAST, torch.device("cuda"), "16-mixed", dense).cuda_graph  # GradScaler: no graph
@@ -38,12 +40,15 @@ def test_forced_switches_are_honoured_or_refused_naming_the_key():
         resolve_fast(OmegaConf.merge(FAST, {"cuda_graph": True}), torch.device("cpu"), "32-true", dense)
 
 
-def test_precision_auto_is_measured_per_model_on_cuda_only():
+def test_precision_auto_is_measured_per_model_and_bf16_only_on_cpus_that_compute_it(monkeypatch):
     cfg = compose_cfg("model=deep", "trainer.accelerator=cpu")
     segmenter = SegmentationModule({"_target_": "aelab.models.segnet.SegNet", "channels": [4], "convs": [1]}, 1,
                                    ["a", "b"])
-    assert resolve_precision(cfg.trainer, segmenter) == "32-true"  # CPU
-    assert (autoencoder_module(cfg).cuda_precision, segmenter.cuda_precision) == ("32-true", "bf16-mixed")
+    autoencoder = autoencoder_module(cfg)
+    assert (autoencoder.cuda_precision, segmenter.cuda_precision) == ("32-true", "bf16-mixed")
+    for bf16_cpu, expected in ((True, ["32-true", "bf16-mixed"]), (False, ["32-true", "32-true"])):
+        monkeypatch.setattr(trainer_module, "cpu_computes_bf16", lambda: bf16_cpu)
+        assert [resolve_precision(cfg.trainer, m) for m in (autoencoder, segmenter)] == expected
 
 
 def plain_epoch_losses(cfg, data: ImageDataModule, epochs: int) -> list[float]:

@@ -45,7 +45,8 @@ class FastSettings:
 
 
 def resolve_fast(fast_cfg, device: torch.device, precision: str, module: nn.Module) -> FastSettings:
-    """``trainer.fast`` for a module on ``device``: ``auto`` is on for CUDA (channels_last: only for conv nets)."""
+    """``trainer.fast`` for a module on ``device``: ``auto`` is on for CUDA; channels_last is on for conv nets on
+    any device (on the 2-core CPU box it trains SegNet 1.3x and the denoiser 2x as fast)."""
     on_cuda = device.type == "cuda"
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
@@ -59,7 +60,7 @@ def resolve_fast(fast_cfg, device: torch.device, precision: str, module: nn.Modu
 
     return FastSettings(cuda_graph=pick("cuda_graph", on_cuda and precision != "16-mixed"),  # no GradScaler in a graph
                         fused_optimizer=pick("fused_optimizer", on_cuda or fast_cfg.fused_optimizer is True),
-                        channels_last=pick("channels_last", on_cuda and has_conv))
+                        channels_last=pick("channels_last", has_conv))
 
 
 class FastPath(Callback):
@@ -137,6 +138,7 @@ class FastModule(L.LightningModule):
 
     fast = FastSettings()
     cuda_precision = "32-true"  # what ``trainer.precision=auto`` picks on CUDA (measured per model: aelab.bench)
+    cpu_precision = "32-true"  # and on a CPU with bf16 arithmetic (aelab.lit.trainer.cpu_computes_bf16)
 
     def train_losses(self, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -18,6 +18,8 @@ class ImageToImageModule(FastModule):
     ``mse`` or ``l1`` between output and target. Adam with a cosine learning-rate decay over the run.
     """
 
+    cpu_precision = "bf16-mixed"
+
     def __init__(self, model_cfg: dict, loss: str = "mse", lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__()
         self.save_hyperparameters()

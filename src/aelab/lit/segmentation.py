@@ -45,6 +45,7 @@ class SegmentationModule(FastModule):
     (``schedule="none"``) or as the peak of a one-cycle schedule over the fit (``"onecycle"``)."""
 
     cuda_precision = "bf16-mixed"
+    cpu_precision = "bf16-mixed"
 
     def __init__(self, model_cfg: dict, in_channels: int, class_names: list[str], ignore_index: int | None = None,
                  class_weights: list[float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0,

@@ -33,14 +33,22 @@ def train_device(trainer_cfg) -> torch.device:
     return torch.device("cuda" if on_cuda else "cpu")
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where oneDNN runs bf16 convolutions natively;
+    elsewhere bf16 is emulated and slower than fp32."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
+
+
 def resolve_precision(trainer_cfg, module: L.LightningModule | None = None) -> str:
-    """``auto`` means the module's ``cuda_precision`` (measured per model; bf16-mixed when it has none) when
-    training on CUDA, 32-true otherwise."""
+    """``auto`` means the module's measured best (aelab.bench): its ``cuda_precision`` (bf16-mixed when it has none)
+    when training on CUDA, its ``cpu_precision`` (32-true when it has none) on a CPU with bf16 arithmetic, 32-true on
+    other CPUs."""
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
-    if train_device(trainer_cfg).type != "cuda":
-        return "32-true"
-    return getattr(module, "cuda_precision", "bf16-mixed")
+    if train_device(trainer_cfg).type == "cuda":
+        return getattr(module, "cuda_precision", "bf16-mixed")
+    return getattr(module, "cpu_precision", "32-true") if cpu_computes_bf16() else "32-true"
 
 
 def resolve_deterministic(trainer_cfg) -> bool | str:
@@ -213,7 +221,10 @@ def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, fol
     if trainer.is_global_zero:
         with atomic_path(ckpt) as part:
             shutil.copyfile(best.best_model_path, part)
+        fast = getattr(module, "fast", None)
         module = type(module).load_from_checkpoint(ckpt, map_location=train_device(trainer_cfg))
+        if fast is not None and fast.channels_last:  # inference is as much faster in that layout as training
+            module.to(memory_format=torch.channels_last)
     if trainer.world_size > 1:  # DDP: the other ranks take rank 0's best weights (no shared file system needed)
         state = trainer.strategy.broadcast(module.state_dict() if trainer.is_global_zero else None)
         module.load_state_dict(state)
