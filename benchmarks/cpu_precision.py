@@ -1,0 +1,77 @@
+"""Which layout and precision each conv net should train in on this CPU: the median time of one plain training step
+(forward, loss, backward, Adam) of the default denoiser, colorizer, SegNet and conv AE at their stages' batch shapes,
+in fp32 or bf16 autocast, with contiguous or channels_last tensors. What ``cpu_precision`` and
+``trainer.fast.channels_last=auto`` are set from (README: CPU).
+
+    python benchmarks/cpu_precision.py [--steps 14] [--out reports/bench/cpu_precision.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from aelab.lit.trainer import cpu_computes_bf16
+from aelab.models.autoencoders import ConvAutoencoder
+from aelab.models.colorizer import Colorizer
+from aelab.models.denoise import DenoisingAutoencoder
+from aelab.models.segnet import SegNet
+from aelab.paths import write_json
+
+NETS = {  # name -> (network, input batch shape, segmentation output?)
+    "segnet": (lambda: SegNet(1, 11, [16, 32, 64, 128], [1, 2, 2, 2]), (32, 1, 64, 84), True),
+    "denoise": (lambda: DenoisingAutoencoder([32, 32]), (128, 1, 28, 28), False),
+    "colorize": (lambda: Colorizer([32, 64, 128]), (64, 1, 32, 32), False),
+    "conv_ae": (ConvAutoencoder, (256, 1, 28, 28), False),
+}
+
+
+def step_seconds(name: str, channels_last: bool, bf16: bool, steps: int) -> float:
+    """Median seconds of a training step after three warm-up steps."""
+    make, shape, segmentation = NETS[name]
+    torch.manual_seed(0)
+    net, x = make(), torch.rand(shape)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    times = []
+    for _ in range(steps + 3):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(x)
+        out = (out[0] if isinstance(out, tuple) else out).float()
+        loss = (F.cross_entropy(out, torch.zeros(len(out), *out.shape[2:], dtype=torch.long)) if segmentation
+                else out.square().mean())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[3:])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--out", type=Path, default=Path("reports/bench/cpu_precision.json"))
+    args = parser.parse_args(argv)
+    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "bf16_arithmetic": cpu_computes_bf16(), "torch": torch.__version__, "nets": {}}
+    print(f"{result['cpu']}, {result['threads']} threads, bf16 arithmetic: {result['bf16_arithmetic']}")
+    for name in NETS:
+        row = {f"{'channels_last' if cl else 'contiguous'}_{'bf16' if bf16 else 'fp32'}_ms":
+               round(1000 * step_seconds(name, cl, bf16, args.steps), 1) for cl in (False, True) for bf16 in (False, True)}
+        base = row["contiguous_fp32_ms"]
+        print(f"{name:<9}" + "  ".join(f"{k[:-3]} {v:7.1f} ms ({base / v:.2f}x)" for k, v in row.items()), flush=True)
+        result["nets"][name] = row
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
