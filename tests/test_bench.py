@@ -7,6 +7,7 @@ import json
 import torch
 
 from aelab import bench
+from aelab.lit import trainer
 from aelab.stages import make_segmentation_set
 from conftest import compose_cfg
 
@@ -15,7 +16,8 @@ TINY = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "pretrai
         "segment.model.channels=[8,8]", "segment.model.convs=[1,1]", "segment.batch_size=8"]
 
 
-def test_benchmark_writes_every_path_with_its_numbers(tiny_raw):
+def test_benchmark_writes_every_path_with_its_numbers(tiny_raw, monkeypatch):
+    monkeypatch.setattr(trainer, "cpu_computes_bf16", lambda: False)  # auto is 32-true for both, on any CPU
     make_segmentation_set.main(compose_cfg(*TINY))
     results = bench.main(["--models", "deep", "segnet", "--epochs", "2", "--precision", "auto,32-true",
                           "--out", str(tiny_raw / "bench"), *TINY])
