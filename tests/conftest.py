@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -43,9 +44,11 @@ def compose_cfg(*overrides: str) -> DictConfig:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """An empty project folder as cwd, with its own MLflow sqlite store."""
+    """An empty project folder as cwd, with its own MLflow sqlite store (for subprocesses, through the environment,
+    and for this process: mlflow keeps the URI an earlier test's stage set, which outranks the environment)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     return tmp_path
 
 

@@ -13,6 +13,8 @@ import torch
 
 from aelab.config import ConfigError, validate
 from aelab.data.noise import NoiseLevelError, NoisyImageDataModule, corrupt, gaussian_filter, median_filter
+from aelab.lit.image2image import ImageToImageModule
+from aelab.lit.trainer import resolve_precision
 from aelab.metrics import ImageQuality
 from aelab.models.denoise import DenoisingAutoencoder
 from aelab.stages import denoise
@@ -130,6 +132,8 @@ def test_denoise_stage_on_tiny_data(tiny_raw, smoke_overrides):
 
     (run,) = mlflow.search_runs(experiment_names=["aelab"], output_format="list")
     assert run.data.tags["stage"] == "denoise" and run.data.params["denoise.noise"] == "zero_mask"
+    assert run.data.tags["channels_last"] == "True"  # what trainer.fast and trainer.precision resolved to
+    assert run.data.tags["precision"] == resolve_precision(cfg.trainer, ImageToImageModule)  # bf16 on a bf16 CPU
     assert run.data.metrics["psnr.model"] == pytest.approx(metrics["psnr"]["model"])
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2  # one per epoch

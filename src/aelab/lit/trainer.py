@@ -218,6 +218,10 @@ def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, fol
             write_json(record, {"run_id": logger.run_id})
     trainer = build_trainer(trainer_cfg, module, logger, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if logger:  # what `auto` resolved to on this machine: it explains differences between machines
+        fast = getattr(module, "fast", None)
+        for key, value in {"precision": trainer.precision, "channels_last": bool(fast and fast.channels_last)}.items():
+            logger.experiment.set_tag(logger.run_id, key, str(value))
     if trainer.is_global_zero:
         with atomic_path(ckpt) as part:
             shutil.copyfile(best.best_model_path, part)
