@@ -9,32 +9,44 @@ in fp32 or bf16 autocast, with contiguous or channels_last tensors. What ``cpu_p
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import hydra
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from aelab.data.catalog import get_spec
+from aelab.lit.autoencoder import autoencoder_module
+from aelab.lit.segmentation import build_model
 from aelab.lit.trainer import cpu_computes_bf16
-from aelab.models.autoencoders import ConvAutoencoder
-from aelab.models.colorizer import Colorizer
-from aelab.models.denoise import DenoisingAutoencoder
-from aelab.models.segnet import SegNet
 from aelab.paths import write_json
-
-NETS = {  # name -> (network, input batch shape, segmentation output?)
-    "segnet": (lambda: SegNet(1, 11, [16, 32, 64, 128], [1, 2, 2, 2]), (32, 1, 64, 84), True),
-    "denoise": (lambda: DenoisingAutoencoder([32, 32]), (128, 1, 28, 28), False),
-    "colorize": (lambda: Colorizer([32, 64, 128]), (64, 1, 32, 32), False),
-    "conv_ae": (ConvAutoencoder, (256, 1, 28, 28), False),
-}
+from aelab.stages import CONF_DIR
+from aelab.tracking import cpu_model
 
 
-def step_seconds(name: str, channels_last: bool, bf16: bool, steps: int) -> float:
-    """Median seconds of a training step after three warm-up steps."""
-    make, shape, segmentation = NETS[name]
+def default_nets() -> dict[str, tuple]:
+    """name -> (network factory, input batch shape, segmentation output?), as the default config builds them."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg, conv = compose(config_name="config"), compose(config_name="config", overrides=["model=conv"])
+    seg, gen, patch = cfg.segment, cfg.segment.generate, cfg.colorize.data.fallback.patch_size
+    classes = len(get_spec(cfg.data.name).classes) + 1  # and the background
+    return {
+        "segnet": (lambda: build_model(OmegaConf.to_container(seg.model), 1, classes),
+                   (seg.batch_size, 1, gen.height, gen.width), True),
+        "denoise": (lambda: hydra.utils.instantiate(cfg.denoise.model), (cfg.denoise.batch_size, 1, 28, 28), False),
+        "colorize": (lambda: hydra.utils.instantiate(cfg.colorize.model), (cfg.colorize.batch_size, 1, patch, patch),
+                     False),
+        "conv_ae": (lambda: autoencoder_module(conv).model, (conv.pretrain.batch_size, 1, 28, 28), False),
+    }
+
+
+def step_seconds(net: tuple, channels_last: bool, bf16: bool, steps: int) -> float:
+    """Median seconds of a training step of ``net`` (a ``default_nets`` entry) after three warm-up steps."""
+    make, shape, segmentation = net
     torch.manual_seed(0)
     net, x = make(), torch.rand(shape)
     if channels_last:
@@ -60,12 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--out", type=Path, default=Path("reports/bench/cpu_precision.json"))
     args = parser.parse_args(argv)
-    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "bf16_arithmetic": cpu_computes_bf16(), "torch": torch.__version__, "nets": {}}
+    result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "bf16_arithmetic": cpu_computes_bf16(),
+              "torch": torch.__version__, "nets": {}}
     print(f"{result['cpu']}, {result['threads']} threads, bf16 arithmetic: {result['bf16_arithmetic']}")
-    for name in NETS:
+    for name, net in default_nets().items():
         row = {f"{'channels_last' if cl else 'contiguous'}_{'bf16' if bf16 else 'fp32'}_ms":
-               round(1000 * step_seconds(name, cl, bf16, args.steps), 1) for cl in (False, True) for bf16 in (False, True)}
+               round(1000 * step_seconds(net, cl, bf16, args.steps), 1) for cl in (False, True) for bf16 in (False, True)}
         base = row["contiguous_fp32_ms"]
         print(f"{name:<9}" + "  ".join(f"{k[:-3]} {v:7.1f} ms ({base / v:.2f}x)" for k, v in row.items()), flush=True)
         result["nets"][name] = row

@@ -218,16 +218,15 @@ def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, fol
             write_json(record, {"run_id": logger.run_id})
     trainer = build_trainer(trainer_cfg, module, logger, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    channels_last = bool(getattr(module, "fast", None) and module.fast.channels_last)  # as FastPath resolved it
     if logger:  # what `auto` resolved to on this machine: it explains differences between machines
-        fast = getattr(module, "fast", None)
-        for key, value in {"precision": trainer.precision, "channels_last": bool(fast and fast.channels_last)}.items():
+        for key, value in {"precision": trainer.precision, "channels_last": channels_last}.items():
             logger.experiment.set_tag(logger.run_id, key, str(value))
     if trainer.is_global_zero:
         with atomic_path(ckpt) as part:
             shutil.copyfile(best.best_model_path, part)
-        fast = getattr(module, "fast", None)
         module = type(module).load_from_checkpoint(ckpt, map_location=train_device(trainer_cfg))
-        if fast is not None and fast.channels_last:  # inference is as much faster in that layout as training
+        if channels_last:  # inference is as much faster in that layout as training
             module.to(memory_format=torch.channels_last)
     if trainer.world_size > 1:  # DDP: the other ranks take rank 0's best weights (no shared file system needed)
         state = trainer.strategy.broadcast(module.state_dict() if trainer.is_global_zero else None)
