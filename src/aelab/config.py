@@ -131,6 +131,7 @@ class SearchCfg(_Section):
     one_minus_momentum_max: float = Field(gt=0, lt=1)
     vectorize: Literal["auto", True, False]
     chunk: PositiveInt | Literal["auto"]
+    subject: Literal["autoencoder", "classifier"]
 
     @field_validator("vectorize", mode="before")
     @classmethod
@@ -423,6 +424,20 @@ class SegmentCfg(_Section):
         return self
 
 
+def check_label_budget(cfg: DictConfig) -> None:
+    """Raise ConfigError when ``classify.train_labels`` is more than the images of the seeded training split (the
+    catalog's size, cut by ``data.train_limit``, less the validation fraction). Checked by the classify stage only:
+    a study that shrinks ``data`` for itself (regularization) need not fit the classifier's budget."""
+    data, budget = cfg.data, cfg.classify.train_labels
+    n = get_spec(data.name).files[0].shape[0]
+    n = min(n, data.train_limit) if data.train_limit else n
+    available = n - int(round(n * data.val_fraction))
+    if budget > available:
+        raise ConfigError(f"invalid config:\n  classify.train_labels: {budget} is more than the {available} images of "
+                          f"{data.name}'s training split (data.val_fraction {data.val_fraction}, data.train_limit "
+                          f"{data.train_limit})")
+
+
 def anomaly_classes(classes: list[int | str] | None, dataset: str) -> list[int]:
     """The indices of ``classes`` (indices or names of ``dataset``'s classes; None: all), in order, once each."""
     names = get_spec(dataset).classes
@@ -433,6 +448,29 @@ def anomaly_classes(classes: list[int | str] | None, dataset: str) -> list[int]:
         raise ValueError(f"anomaly.classes: {unknown} not among {dataset}'s classes (0-{len(names) - 1} or "
                          f"{', '.join(names)})")
     return list(dict.fromkeys(names.index(c) if isinstance(c, str) else c for c in classes))
+
+
+class ClassifierNetCfg(_Section):
+    target: Literal["aelab.models.classifier.MLPClassifier"] = Field(alias="_target_")
+    name: str
+    hidden: list[PositiveInt] = Field(min_length=1)
+    dropout_input: float = Rate
+    dropout_hidden: float = Rate
+    norm: Literal["none", "bn_pre", "bn_post"]
+    init: Literal["default", "xavier", "he"]
+    max_norm: PositiveFloat | None = None
+
+
+class ClassifyCfg(_Section):
+    train_labels: PositiveInt
+    val_limit: PositiveInt | None = None
+    batch_size: PositiveInt
+    max_epochs: PositiveInt
+    model: ClassifierNetCfg
+    optim: OptimCfg
+    l1_weight: float = NonNegative
+    early_stopping: PositiveInt | None = None
+    variants: dict[str, list[str]] = Field(min_length=1)
 
 
 class AnomalyCfg(_Section):
@@ -460,6 +498,7 @@ class Config(_Section):
     tabular: TabularCfg
     segment: SegmentCfg
     anomaly: AnomalyCfg
+    classify: ClassifyCfg
 
     @model_validator(mode="after")
     def _kl_needs_unit_interval_codes(self) -> "Config":

@@ -1,8 +1,10 @@
 """The lecture's hyper-parameter recipe: one very short training per candidate value, best by validation loss.
 
 Every candidate starts from the same initial weights and sees the same mini-batches, so only the searched value
-differs. Loss and penalties are the pretrain stage's (``AutoencoderModule.losses``). There are two ways to train
-the candidates, chosen by ``search.vectorize``, on the trainer's device (``train_device``):
+differs. ``search.subject`` picks the network: the autoencoder (loss and penalties of the pretrain stage) or the
+classifier (the classify stage's cross-entropy and L1, on its label budget); each module's ``search_loss`` is what
+is scored. There are two ways to train the candidates, chosen by ``search.vectorize``, on the trainer's device
+(``train_device``):
 
 - sequentially (``short_training_loss``): a plain loop per candidate over the module's own
   ``configure_optimizers``, the reference;
@@ -37,14 +39,18 @@ from tqdm import tqdm  # noqa: E402
 
 from aelab.data.images import load_split, split_indices, to_tensor  # noqa: E402
 from aelab.figures import save_figure  # noqa: E402
-from aelab.lit.autoencoder import DEFAULT_OPTIM, AutoencoderModule  # noqa: E402
+from aelab.models.classifier import apply_max_norm  # noqa: E402
+from aelab.lit.autoencoder import AutoencoderModule  # noqa: E402
+from aelab.lit.classifier import ClassifierModule  # noqa: E402
+from aelab.lit.fast import DEFAULT_OPTIM  # noqa: E402
 from aelab.lit.trainer import train_device  # noqa: E402
 from aelab.paths import write_csv  # noqa: E402
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, which AutoencoderModule keeps
 VAL_CHUNK = 10  # candidates whose full validation-set outputs are held at once
 CPU_CHUNK = 10  # candidates per ensemble on a CPU: the weights, gradients and moments of ~10 dense AEs stay in cache
-VMAP_CHECKED = ("aelab.models.autoencoders.DenseAutoencoder", "aelab.models.autoencoders.ConvAutoencoder")
+VMAP_CHECKED = ("aelab.models.autoencoders.DenseAutoencoder", "aelab.models.autoencoders.ConvAutoencoder",
+                "aelab.models.classifier.MLPClassifier")
 
 
 def log_grid(low: float, high: float, n: int) -> np.ndarray:
@@ -52,67 +58,93 @@ def log_grid(low: float, high: float, n: int) -> np.ndarray:
     return np.logspace(math.log10(low), math.log10(high), n)
 
 
-def search_data(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``search.train_limit`` / ``search.val_limit`` images of the seeded train / val split, on the
-    trainer's device."""
-    images, _ = load_split(cfg.data, "train")
+def as_batch(tensors: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A set of rows as a tuple of tensors: (images,) for the autoencoder, (images, labels) for the classifier."""
+    return tensors if isinstance(tensors, tuple) else (tensors,)
+
+
+def search_data(cfg: DictConfig) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The search's training and validation rows, on the trainer's device: the first ``search.train_limit`` (the
+    classifier: its label budget, ``classify.train_labels``) and ``search.val_limit`` images of the seeded train /
+    val split; the classifier's with their labels."""
+    images, labels = load_split(cfg.data, "train")
     train_idx, val_idx = split_indices(len(images), cfg.data.val_fraction, cfg.seed)
     device = train_device(cfg.trainer)
-    return (to_tensor(images[train_idx[:cfg.search.train_limit]]).to(device),
-            to_tensor(images[val_idx[:cfg.search.val_limit]]).to(device))
+    classifier = cfg.search.subject == "classifier"
+    n_train = cfg.classify.train_labels if classifier else cfg.search.train_limit
+
+    def rows(idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        x = to_tensor(images[idx]).to(device)
+        return (x, torch.from_numpy(labels[idx]).long().to(device)) if classifier else (x,)
+
+    return rows(train_idx[:n_train]), rows(val_idx[:cfg.search.val_limit])
+
+
+def subject_optim(cfg: DictConfig) -> dict:
+    """The optim config of the network the search tunes (``search.subject``)."""
+    section = cfg.classify if cfg.search.subject == "classifier" else cfg.pretrain
+    return OmegaConf.to_container(section.optim, resolve=True)
 
 
 class SearchObjective(nn.Module):
-    """The search's loss of ``module``: reconstruction + penalties of a batch in train mode, the reconstruction
-    loss of the whole validation set in eval mode. A ``forward`` so that ``functional_call`` can run it with one
-    candidate's weights: the penalties then read that candidate's weights too."""
+    """The search's loss of ``module`` (its ``search_loss``): training loss + penalties of a batch in train mode,
+    the evaluation loss of the whole validation set in eval mode. A ``forward`` so that ``functional_call`` can run
+    it with one candidate's weights: the penalties then read that candidate's weights too."""
 
-    def __init__(self, module: AutoencoderModule):
+    def __init__(self, module: AutoencoderModule | ClassifierModule):
         super().__init__()
         self.module = module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self.module.reconstruction_loss(self.module.model(x), x)
-        recon, penalty = self.module.losses(x)
-        return recon + penalty
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.module.search_loss(*batch)
+
+    def max_norm(self) -> float | None:
+        """The classifier's max-norm bound on its hidden units' incoming weights (None: no constraint)."""
+        return getattr(self.module.model, "max_norm", None)
 
 
 def search_objective(cfg: DictConfig, optim: dict, device: torch.device) -> SearchObjective:
-    """The seeded initial module (the same for every candidate), with ``optim`` and no LR schedule, on ``device``."""
+    """The seeded initial module of ``search.subject`` (the same for every candidate), with ``optim`` and no LR
+    schedule, on ``device``."""
     torch.manual_seed(cfg.seed)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    module = AutoencoderModule(plain["model"], plain["pretrain"]["loss"], {**optim, "schedule": "none"},
-                               plain["pretrain"]["penalty"])
+    optim = {**optim, "schedule": "none"}
+    if cfg.search.subject == "classifier":
+        module = ClassifierModule(plain["classify"]["model"], optim, plain["classify"]["l1_weight"])
+    else:
+        module = AutoencoderModule(plain["model"], plain["pretrain"]["loss"], optim, plain["pretrain"]["penalty"])
     return SearchObjective(module).to(device)
 
 
-def mini_batches(cfg: DictConfig, x_train: torch.Tensor, n_batches: int) -> Iterator[torch.Tensor]:
-    """``n_batches`` mini-batches of ``search.batch_size`` in one seeded order, wrapping around the data."""
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed)).to(x_train.device)
+def mini_batches(cfg: DictConfig, train: tuple[torch.Tensor, ...], n_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``n_batches`` mini-batches of ``search.batch_size`` rows in one seeded order, wrapping around the data."""
+    n = len(train[0])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).to(train[0].device)
     size = cfg.search.batch_size
     for step in range(n_batches):
-        start = (step * size) % len(x_train)
-        yield x_train[order[start:start + size]]
+        start = (step * size) % n
+        yield tuple(t[order[start:start + size]] for t in train)
 
 
-def short_training_loss(cfg: DictConfig, optim: dict, x_train: torch.Tensor, x_val: torch.Tensor,
-                        n_batches: int) -> float:
-    """Validation loss after ``n_batches`` mini-batches with ``optim``; ``inf`` when training diverged."""
-    objective = search_objective(cfg, optim, x_train.device)
+def short_training_loss(cfg: DictConfig, optim: dict, train, val, n_batches: int) -> float:
+    """Validation loss after ``n_batches`` mini-batches with ``optim``; ``inf`` when training diverged. ``train``
+    and ``val``: a tensor of images or a tuple (images, labels), as ``search_data`` gives."""
+    train, val = as_batch(train), as_batch(val)
+    objective = search_objective(cfg, optim, train[0].device)
     opt = objective.module.configure_optimizers()
     objective.train()
-    for batch in mini_batches(cfg, x_train, n_batches):
-        loss = objective(batch)
+    for batch in mini_batches(cfg, train, n_batches):
+        loss = objective(*batch)
         if not torch.isfinite(loss):
             return math.inf
         opt.zero_grad()
         loss.backward()
         opt.step()
+        apply_max_norm(objective.module.model)
     objective.eval()
     with torch.no_grad():
-        val = float(objective(x_val))
-    return val if math.isfinite(val) else math.inf
+        val_loss = float(objective(*val))
+    return val_loss if math.isfinite(val_loss) else math.inf
 
 
 def per_candidate(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -175,38 +207,51 @@ class EnsembleOptimizer:
             p.grad = None
 
 
-def ensemble_training_losses(cfg: DictConfig, optims: list[dict], x_train: torch.Tensor, x_val: torch.Tensor,
-                             n_batches: int) -> list[float]:
+def ensemble_training_losses(cfg: DictConfig, optims: list[dict], train, val, n_batches: int) -> list[float]:
     """``short_training_loss`` of every candidate in ``optims`` at once, as one vectorised ensemble.
 
     The weights of the candidates are stacked; each step computes every candidate's loss on the same mini-batch
     (``vmap`` over ``functional_call``), backpropagates their sum (the candidates share nothing, so each gets its
-    own gradient) and updates them with ``EnsembleOptimizer``. A candidate whose loss is not finite is frozen and
-    scores ``inf``; the others are unaffected. Batch-norm running statistics are stacked buffers, updated per
-    candidate. Dropout draws one mask for all candidates (``randomness="same"``) from the same seeded generator in
-    the same order as the loop, so each candidate sees the masks the loop gives it (checked on the CPU);
-    ``randomness="different"`` would give each its own masks and results no longer comparable with the loop's.
+    own gradient) and updates them with ``EnsembleOptimizer`` (then the classifier's max-norm, per candidate). A
+    candidate whose loss is not finite is frozen and scores ``inf``; the others are unaffected. Batch-norm running
+    statistics are stacked buffers, updated per candidate. Dropout draws one mask for all candidates
+    (``randomness="same"``) from the same seeded generator in the same order as the loop, so each candidate sees the
+    masks the loop gives it (checked on the CPU); ``randomness="different"`` would give each its own masks and
+    results no longer comparable with the loop's.
     """
-    objective = search_objective(cfg, optims[0], x_train.device)
+    train, val = as_batch(train), as_batch(val)
+    device = train[0].device
+    objective = search_objective(cfg, optims[0], device)
     params, buffers = stack_module_state([objective] * len(optims))
     opt = EnsembleOptimizer(params, optims)
+    max_norm = objective.max_norm()
+    constrained = [params[name] for name in hidden_weight_names(objective)] if max_norm is not None else []
 
-    def loss(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(objective, (p, b), (x,))
+    def loss(p: dict, b: dict, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return functional_call(objective, (p, b), batch)
 
-    alive = torch.ones(len(optims), dtype=torch.bool, device=x_train.device)
+    alive = torch.ones(len(optims), dtype=torch.bool, device=device)
     objective.train()
     train_losses = torch.vmap(loss, in_dims=(0, 0, None), randomness="same")
-    for batch in tqdm(mini_batches(cfg, x_train, n_batches), total=n_batches, unit="batch",
+    for batch in tqdm(mini_batches(cfg, train, n_batches), total=n_batches, unit="batch",
                       desc=f"{len(optims)} candidates"):
         losses = train_losses(params, buffers, batch)
         alive &= torch.isfinite(losses.detach())
         losses.sum().backward()
         opt.step(alive)
+        with torch.no_grad():
+            for weight in constrained:  # (candidates, units, inputs): each unit's row of each candidate
+                weight.copy_(torch.renorm(weight.flatten(0, 1), p=2, dim=0, maxnorm=max_norm).view_as(weight))
     objective.eval()
     with torch.no_grad():
-        val = torch.vmap(loss, in_dims=(0, 0, None), chunk_size=VAL_CHUNK)(params, buffers, x_val)
-    return [v if ok and math.isfinite(v) else math.inf for v, ok in zip(val.tolist(), alive.tolist())]
+        val_losses = torch.vmap(loss, in_dims=(0, 0, None), chunk_size=VAL_CHUNK)(params, buffers, val)
+    return [v if ok and math.isfinite(v) else math.inf for v, ok in zip(val_losses.tolist(), alive.tolist())]
+
+
+def hidden_weight_names(objective: SearchObjective) -> list[str]:
+    """The names (in ``objective``'s parameters) of the classifier's hidden-layer weights, which max-norm bounds."""
+    hidden = {id(layer.weight) for layer in objective.module.model.hidden_layers()}
+    return [name for name, p in objective.named_parameters() if id(p) in hidden]
 
 
 def vectorizes(cfg: DictConfig) -> bool:
@@ -214,7 +259,8 @@ def vectorizes(cfg: DictConfig) -> bool:
     whose ensemble is checked against the sequential loop (tests/test_search.py), batch norm and dropout
     included."""
     if cfg.search.vectorize == "auto":
-        return cfg.model._target_ in VMAP_CHECKED
+        model = cfg.classify.model if cfg.search.subject == "classifier" else cfg.model
+        return model._target_ in VMAP_CHECKED
     return cfg.search.vectorize
 
 
@@ -226,20 +272,20 @@ def chunk_size(cfg: DictConfig, n_candidates: int, device: torch.device) -> int:
     return cfg.search.chunk
 
 
-def search_losses(cfg: DictConfig, optims: list[dict], x_train: torch.Tensor, x_val: torch.Tensor,
-                  n_batches: int) -> tuple[list[float], dict]:
+def search_losses(cfg: DictConfig, optims: list[dict], train, val, n_batches: int) -> tuple[list[float], dict]:
     """The validation loss of each candidate ``optims`` after ``n_batches`` mini-batches (``inf``: diverged), by
     ensembles (``chunk_size``) or one after the other (``search.vectorize``), and how: ``vectorized`` and
-    ``device``."""
+    ``device``. ``train``/``val`` as ``search_data`` gives them (or a tensor of images)."""
     vectorized = vectorizes(cfg)
+    device = as_batch(train)[0].device
     if vectorized:
-        chunk = chunk_size(cfg, len(optims), x_train.device)
+        chunk = chunk_size(cfg, len(optims), device)
         losses = [loss for start in range(0, len(optims), chunk)
-                  for loss in ensemble_training_losses(cfg, optims[start:start + chunk], x_train, x_val, n_batches)]
+                  for loss in ensemble_training_losses(cfg, optims[start:start + chunk], train, val, n_batches)]
     else:
-        losses = [short_training_loss(cfg, optim, x_train, x_val, n_batches)
+        losses = [short_training_loss(cfg, optim, train, val, n_batches)
                   for optim in tqdm(optims, desc="candidates", unit="run")]
-    return losses, {"vectorized": vectorized, "device": x_train.device.type}
+    return losses, {"vectorized": vectorized, "device": device.type}
 
 
 def run_search(name: str, losses: list[float], plot_x: np.ndarray, xlabel: str, ylabel: str, root,

@@ -16,10 +16,26 @@ from typing import Any
 
 import mlflow
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from aelab.config import ConfigError, validate
 
 from aelab.paths import atomic_path, write_csv
 from aelab.tracking import SWEEP_RUN_ENV, tracking_uri, use_experiment
+
+
+def variant_configs(cfg: DictConfig, section: str, base: dict) -> dict[str, DictConfig]:
+    """Each variant of a study (``<section>.variants``: name -> overrides) as a full config: ``cfg`` updated with
+    ``base`` (the study's data and epochs), then the variant's overrides; validated, the error naming the variant."""
+    common = OmegaConf.merge(cfg, base)
+    configs = {}
+    for name, overrides in OmegaConf.select(cfg, section).variants.items():
+        configs[name] = OmegaConf.merge(common, OmegaConf.from_dotlist(list(overrides)))
+        try:
+            validate(configs[name])
+        except ConfigError as err:
+            raise ConfigError(f"{section}.variants.{name}: {err}") from None
+    return configs
 
 
 def epochs_to_target(val_losses: list[float], target: float) -> int | None:

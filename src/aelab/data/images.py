@@ -39,16 +39,23 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 class ImageDataModule(ResidentDataModule):
-    """Train/val from the training set (seeded split), test from the held-out test set, resident on the device."""
+    """Train/val from the training set (seeded split), test from the held-out test set, resident on the device.
+    ``train_labels`` keeps only the first that many images of the seeded train split (a label budget, which must
+    fit in the split), ``val_limit`` the first that many of the validation split; the test set stays whole."""
 
-    def __init__(self, data_cfg, batch_size: int, seed: int):
+    def __init__(self, data_cfg, batch_size: int, seed: int, train_labels: int | None = None,
+                 val_limit: int | None = None):
         super().__init__(batch_size, seed)
-        self.data_cfg = data_cfg
+        self.data_cfg, self.train_labels, self.val_limit = data_cfg, train_labels, val_limit
 
     def setup(self, stage: str | None = None) -> None:
         x, y = load_split(self.data_cfg, "train")
         train_idx, val_idx = split_indices(len(x), self.data_cfg.val_fraction, self.seed)
         x, y = to_tensor(x), torch.from_numpy(y).long()
+        if self.train_labels is not None and self.train_labels > len(train_idx):
+            raise ValueError(f"a label budget of {self.train_labels} images (classify.train_labels) is more than the "
+                             f"{len(train_idx)} of {self.data_cfg.name}'s training split")
+        train_idx, val_idx = train_idx[:self.train_labels], val_idx[:self.val_limit]
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
         xt, yt = load_split(self.data_cfg, "test")

@@ -10,11 +10,9 @@ import torchmetrics
 from omegaconf import OmegaConf
 
 from aelab.data.images import to_tensor
-from aelab.lit.fast import FastModule
+from aelab.lit.fast import DEFAULT_OPTIM, FastModule
 from aelab.models.penalties import activity_l1, kl_sparsity, weight_l1
 
-DEFAULT_OPTIM = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "betas": [0.9, 0.999],
-                 "schedule": "none", "step_size": 10, "gamma": 0.5}
 DEFAULT_PENALTY = {"l1_weight": 0.0, "activity_l1": 0.0, "sparsity_kl": 0.0, "sparsity_target": 0.05}
 
 
@@ -69,6 +67,14 @@ class AutoencoderModule(FastModule):
         code = self.model.encode(x)
         return self.reconstruction_loss(self.model.decoder(code), x), self.penalty_loss(code)
 
+    def search_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """What the recipe's searches (aelab.search) score: reconstruction + penalties in train mode, the
+        reconstruction loss in eval mode."""
+        if not self.training:
+            return self.reconstruction_loss(self.model(x), x)
+        recon, penalty = self.losses(x)
+        return recon + penalty
+
     def train_losses(self, batch) -> dict[str, torch.Tensor]:
         """The minimised sum, the reconstruction loss (``train_loss``) and, when configured, the penalty."""
         recon, penalty = self.losses(batch[0])
@@ -91,22 +97,7 @@ class AutoencoderModule(FastModule):
         self._eval_step(batch, "test", self.test_mse)
 
     def configure_optimizers(self):
-        o = self.optim
-        if o["name"] == "sgd":
-            opt = self.make_optimizer("sgd", lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-        else:
-            opt = self.make_optimizer("adam", lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
-        if o["schedule"] == "none":
-            return opt
-        if o["schedule"] == "step":
-            sched = {"scheduler": torch.optim.lr_scheduler.StepLR(opt, o["step_size"], o["gamma"]), "interval": "epoch"}
-        elif o["schedule"] == "cosine":
-            sched = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.trainer.max_epochs),
-                     "interval": "epoch"}
-        else:
-            steps = self.trainer.estimated_stepping_batches
-            sched = {"scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, o["lr"], total_steps=steps), "interval": "step"}
-        return {"optimizer": opt, "lr_scheduler": sched}
+        return self.optimizers_from(self.optim)
 
 
 def autoencoder_module(cfg) -> AutoencoderModule:

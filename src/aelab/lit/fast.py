@@ -27,6 +27,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+DEFAULT_OPTIM = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "betas": [0.9, 0.999],
+                 "schedule": "none", "step_size": 10, "gamma": 0.5}
 WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN handles, autograd's buffers)
 FINITE_CHECK_EVERY = 20  # training steps between checks that the loss is finite (a check waits for the GPU)
 
@@ -146,6 +148,26 @@ class FastModule(L.LightningModule):
     def make_optimizer(self, name: str, **kwargs) -> torch.optim.Optimizer:
         """``torch.optim`` ``name`` (adam, adamw, sgd) over all parameters, fused when the settings say so."""
         return OPTIMIZERS[name](self.parameters(), fused=self.fast.fused_optimizer or None, **kwargs)
+
+    def optimizers_from(self, o: dict):
+        """``configure_optimizers``'s answer for an optim config (``DEFAULT_OPTIM``'s keys): Adam or SGD (L2 as
+        ``weight_decay``) and the LR schedule ``none``, ``step`` (×``gamma`` every ``step_size`` epochs),
+        ``cosine`` (over the fit's epochs) or ``onecycle`` (over its steps)."""
+        if o["name"] == "sgd":
+            opt = self.make_optimizer("sgd", lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+        else:
+            opt = self.make_optimizer("adam", lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        if o["schedule"] == "none":
+            return opt
+        if o["schedule"] == "step":
+            sched = {"scheduler": torch.optim.lr_scheduler.StepLR(opt, o["step_size"], o["gamma"]), "interval": "epoch"}
+        elif o["schedule"] == "cosine":
+            sched = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.trainer.max_epochs),
+                     "interval": "epoch"}
+        else:
+            steps = self.trainer.estimated_stepping_batches
+            sched = {"scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, o["lr"], total_steps=steps), "interval": "step"}
+        return {"optimizer": opt, "lr_scheduler": sched}
 
     def on_train_epoch_start(self) -> None:
         self._sums, self._samples = None, 0

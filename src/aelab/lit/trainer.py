@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -174,10 +175,11 @@ def resume_folder(cfg: DictConfig, stage: str) -> Path:
 
 
 def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_cfg, logger, ckpt: Path | str,
-             keys: tuple[str, ...] = ("train_loss", "val_loss"), monitor: str = "val_loss", mode: str = "min",
-             resume: Path | None = None) -> tuple[L.LightningModule, EpochHistory, float]:
-    """Fit ``module``; keep the checkpoint with the lowest ``val_loss`` (or the ``mode`` of ``monitor``) at ``ckpt``
-    (nothing else is left behind).
+             keys: tuple[str, ...] = ("train_loss", "val_loss"), monitor: str | None = "val_loss", mode: str = "min",
+             resume: Path | None = None, callbacks: list[Callback] = ()) -> tuple[L.LightningModule, EpochHistory, float]:
+    """Fit ``module``; keep the checkpoint with the lowest ``val_loss`` (or the ``mode`` of ``monitor``; with
+    ``monitor=None`` the last epoch's) at ``ckpt`` (nothing else is left behind). ``callbacks`` join the Trainer's
+    (e.g. Lightning's ``EarlyStopping``).
 
     With a ``resume`` folder (``resume_folder``) and ``trainer.resume=auto``, the best and the last epoch's
     checkpoints are kept there while training: a fit that was interrupted continues from its last completed epoch
@@ -185,13 +187,13 @@ def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, train
     the folder is removed once the fit completes or diverges. Otherwise they live in a temporary folder.
 
     Returns that checkpoint reloaded in eval mode (on the training device), the per-epoch history of ``keys``
-    and the best monitored value.
+    and the best monitored value (NaN without ``monitor``).
     """
     if resume is None or trainer_cfg.resume == "never":
         with tempfile.TemporaryDirectory(prefix="aelab-fit-") as tmp:  # not in the stage's outputs: a kill leaves none
-            return _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, Path(tmp), False)
+            return _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, Path(tmp), False, callbacks)
     try:
-        result = _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, resume, True)
+        result = _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, resume, True, callbacks)
     except TrainingDiverged:
         shutil.rmtree(resume, ignore_errors=True)  # nothing to resume from a NaN
         raise
@@ -200,12 +202,12 @@ def fit_best(module: L.LightningModule, datamodule: L.LightningDataModule, train
     return result
 
 
-def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, folder: Path,
-         resumable: bool) -> tuple[L.LightningModule, EpochHistory, float]:
+def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, folder: Path, resumable: bool,
+         extra: list[Callback]) -> tuple[L.LightningModule, EpochHistory, float]:
     best = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                            enable_version_counter=False)
     history = EpochHistory(keys)
-    callbacks: list[Callback] = [best, history]
+    callbacks: list[Callback] = [best, history, *extra]
     last, ckpt_path = folder / "last.ckpt", None
     if resumable:
         callbacks.append(ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, save_on_train_epoch_end=True,
@@ -231,4 +233,5 @@ def _fit(module, datamodule, trainer_cfg, logger, ckpt, keys, monitor, mode, fol
     if trainer.world_size > 1:  # DDP: the other ranks take rank 0's best weights (no shared file system needed)
         state = trainer.strategy.broadcast(module.state_dict() if trainer.is_global_zero else None)
         module.load_state_dict(state)
-    return module.eval(), history, float(best.best_model_score)
+    score = best.best_model_score
+    return module.eval(), history, math.nan if score is None else float(score)

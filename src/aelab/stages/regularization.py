@@ -19,35 +19,21 @@ import hydra
 import lightning as L
 import mlflow
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score
 
-from aelab.config import ConfigError, validate
+from aelab.config import validate
 from aelab.data.images import ImageDataModule, load_split, raw_dir, split_indices
 from aelab.lit.autoencoder import autoencoder_module, encode
 from aelab.lit.trainer import fit_best, score_test_split
 from aelab.models.penalties import code_sparsity
 from aelab.paths import atomic_path, require, write_csv, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
-from aelab.sweep import compare, markdown_table
+from aelab.sweep import compare, markdown_table, variant_configs
 from aelab.tracking import lightning_logger, start_run
 from aelab.xgb import fit_xgb, xgb_client, xgb_device
 
 log = logging.getLogger(__name__)
-
-
-def variant_configs(cfg: DictConfig) -> dict[str, DictConfig]:
-    """Each variant's full config (its overrides on top of ``cfg``, on the study's data and epochs), validated."""
-    study = cfg.regularization
-    base = OmegaConf.merge(cfg, {"data": {"train_limit": study.train_limit}, "trainer": {"max_epochs": study.max_epochs}})
-    configs = {}
-    for name, overrides in study.variants.items():
-        configs[name] = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-        try:
-            validate(configs[name])
-        except ConfigError as err:
-            raise ConfigError(f"regularization.variants.{name}: {err}") from None
-    return configs
 
 
 def train_variant(name: str, vcfg: DictConfig, workdir: str, client=None) -> tuple[dict, list[tuple[int, float]]]:
@@ -87,7 +73,9 @@ def main(cfg: DictConfig) -> list[dict]:
     device = xgb_device(cfg.regularization.xgb_device, "regularization.xgb_device")  # fails here if it cannot run
     root = output_root()
     manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
-    configs = variant_configs(cfg)
+    study = cfg.regularization
+    configs = variant_configs(cfg, "regularization", {"data": {"train_limit": study.train_limit},
+                                                      "trainer": {"max_epochs": study.max_epochs}})
     rows, histories = [], []
     engine = cfg.regularization.xgb_engine
     with (start_run(cfg, "regularization", manifest), tempfile.TemporaryDirectory() as workdir,

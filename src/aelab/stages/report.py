@@ -224,6 +224,11 @@ def _regularization(inp: Inputs) -> str:
                                              "variant", ylabel="validation loss")
 
 
+def _classify(inp: Inputs) -> str:
+    return inp.markdown("table") + inp.image("curves", "validation error per epoch of every variant; the "
+                                             "unregularized net's train vs validation accuracy")
+
+
 def _searches(inp: Inputs) -> str:
     out = []
     for name, keys in (("lr", ["best_lr", "best_loss", "n_candidates", "n_batches", "optimizer"]),
@@ -328,6 +333,13 @@ SECTIONS: list[Section] = [
     Section("Regularization", "regularization",
             {"table": "reports/regularization.md", "val_loss": "reports/plots/regularization_val_loss.csv"},
             _regularization, "The lecture's regularizers side by side on one small training set."),
+    Section("Classifier: overfitting and the regularizers against it", "classify",
+            {"table": "reports/classify.md", "metrics": "reports/metrics/classify.json",
+             "curves": "reports/figures/classify_curves.png"}, _classify,
+            "The lecture's MLP classifier on a small label budget, one regularizer per row (errors on the test set; "
+            "gap = train - test accuracy).",
+            metric_line("{m[train_labels]} labels; unregularized test error {m[none][test_error]:.4f}, gap "
+                        "{m[none][gap_train_minus_test]:.4f}")),
     Section("Learning-rate and momentum search", "momentum_search",
             {"lr_metrics": "reports/metrics/lr_search.json", "lr_figure": "reports/figures/lr_search.png",
              "momentum_metrics": "reports/metrics/momentum_search.json",

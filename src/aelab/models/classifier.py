@@ -1,0 +1,49 @@
+"""The lecture's supervised network: an MLP classifier with the regularization knobs of the autoencoders.
+
+``hidden`` widths of ReLU units, softmax output (the module outputs logits; cross-entropy is the loss). The knobs are
+the autoencoders' (``dropout_input``, ``dropout_hidden``, ``norm``, ``init``; see aelab.models.autoencoders) plus
+``max_norm``: the dropout paper's constraint that every hidden unit's incoming weight vector has an L2 norm of at
+most ``max_norm``, applied after each optimizer step by :func:`apply_max_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from aelab.models.autoencoders import hidden_block, init_weights
+
+
+class MLPClassifier(nn.Module):
+    """input -> hidden... -> n_classes logits, fully connected."""
+
+    def __init__(self, hidden: list[int] | tuple[int, ...] = (1024, 1024), n_classes: int = 10, name: str = "mlp",
+                 input_shape: list[int] | tuple[int, ...] = (1, 28, 28), dropout_input: float = 0.0,
+                 dropout_hidden: float = 0.0, norm: str = "none", init: str = "he", max_norm: float | None = None):
+        super().__init__()
+        self.name, self.max_norm = name, max_norm
+        widths = [math.prod(input_shape), *hidden]
+        layers: list[nn.Module] = [nn.Flatten(), *([nn.Dropout(dropout_input)] if dropout_input > 0 else [])]
+        for a, b in zip(widths, widths[1:]):
+            layers += hidden_block(nn.Linear(a, b), b, norm, dropout_hidden)
+        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], n_classes))
+        init_weights(self, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def hidden_layers(self) -> list[nn.Linear]:
+        """The Linear layers that feed hidden units (all but the output layer)."""
+        return [m for m in self.net if isinstance(m, nn.Linear)][:-1]
+
+
+@torch.no_grad()
+def apply_max_norm(model: nn.Module) -> None:
+    """Rescale each hidden unit's incoming weights (a row of its Linear weight) to norm ``model.max_norm`` where it
+    is larger; nothing for a model without a ``max_norm`` or with None."""
+    if getattr(model, "max_norm", None) is None:
+        return
+    for layer in model.hidden_layers():
+        layer.weight.copy_(torch.renorm(layer.weight, p=2, dim=0, maxnorm=model.max_norm))
