@@ -86,7 +86,7 @@ def curves_figure(path, histories: dict[str, list[dict]], reference: str):
     ax.legend(fontsize=7, ncol=2)
     ref = histories[reference]
     epochs = [h["epoch"] + 1 for h in ref]
-    ax_ref.plot(epochs, [h["train_acc"] for h in ref], label="train accuracy (dropout on)")
+    ax_ref.plot(epochs, [h["train_acc"] for h in ref], label="train accuracy (training batches, train mode)")
     ax_ref.plot(epochs, [h["val_acc"] for h in ref], label="validation accuracy")
     ax_ref.plot(epochs, [h["val_loss"] for h in ref], label="validation cross-entropy", linestyle="--")
     ax_ref.set_xlabel("epoch")
