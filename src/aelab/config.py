@@ -428,10 +428,12 @@ def check_label_budget(cfg: DictConfig) -> None:
     """Raise ConfigError when ``classify.train_labels`` is more than the images of the seeded training split (the
     catalog's size, cut by ``data.train_limit``, less the validation fraction). Checked by the classify stage only:
     a study that shrinks ``data`` for itself (regularization) need not fit the classifier's budget."""
+    from aelab.data.images import val_count  # torch: not for the stages that import this module without it
+
     data, budget = cfg.data, cfg.classify.train_labels
     n = get_spec(data.name).files[0].shape[0]
     n = min(n, data.train_limit) if data.train_limit else n
-    available = n - int(round(n * data.val_fraction))
+    available = n - val_count(n, data.val_fraction)
     if budget > available:
         raise ConfigError(f"invalid config:\n  classify.train_labels: {budget} is more than the {available} images of "
                           f"{data.name}'s training split (data.val_fraction {data.val_fraction}, data.train_limit "

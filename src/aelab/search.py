@@ -39,11 +39,11 @@ from tqdm import tqdm  # noqa: E402
 
 from aelab.data.images import load_split, split_indices, to_tensor  # noqa: E402
 from aelab.figures import save_figure  # noqa: E402
-from aelab.models.classifier import apply_max_norm  # noqa: E402
 from aelab.lit.autoencoder import AutoencoderModule  # noqa: E402
 from aelab.lit.classifier import ClassifierModule  # noqa: E402
 from aelab.lit.fast import DEFAULT_OPTIM  # noqa: E402
 from aelab.lit.trainer import train_device  # noqa: E402
+from aelab.models.classifier import apply_max_norm, max_norm_  # noqa: E402
 from aelab.paths import write_csv  # noqa: E402
 
 ADAM_EPS = 1e-8  # torch.optim.Adam's default, which AutoencoderModule keeps
@@ -239,9 +239,8 @@ def ensemble_training_losses(cfg: DictConfig, optims: list[dict], train, val, n_
         alive &= torch.isfinite(losses.detach())
         losses.sum().backward()
         opt.step(alive)
-        with torch.no_grad():
-            for weight in constrained:  # (candidates, units, inputs): each unit's row of each candidate
-                weight.copy_(torch.renorm(weight.flatten(0, 1), p=2, dim=0, maxnorm=max_norm).view_as(weight))
+        for weight in constrained:  # (candidates, units, inputs): each unit's row of each candidate
+            max_norm_(weight, max_norm)
     objective.eval()
     with torch.no_grad():
         val_losses = torch.vmap(loss, in_dims=(0, 0, None), chunk_size=VAL_CHUNK)(params, buffers, val)

@@ -26,10 +26,15 @@ def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def val_count(n: int, val_fraction: float) -> int:
+    """How many of ``n`` images ``split_indices`` puts in the validation split."""
+    return int(round(n * val_fraction))
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded permutation of ``range(n)`` cut into (train, val) index arrays."""
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
+    n_val = val_count(n, val_fraction)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 

@@ -27,9 +27,8 @@ class ClassifierModule(FastModule):
         self.save_hyperparameters()
         self.optim = {**DEFAULT_OPTIM, **(optim or {})}
         self.model = hydra.utils.instantiate(model_cfg)
-        n_classes = model_cfg.get("n_classes", 10)
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n_classes)
-        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n_classes)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=self.model.n_classes)
+        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=self.model.n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of ``x``."""

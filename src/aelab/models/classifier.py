@@ -23,7 +23,7 @@ class MLPClassifier(nn.Module):
                  input_shape: list[int] | tuple[int, ...] = (1, 28, 28), dropout_input: float = 0.0,
                  dropout_hidden: float = 0.0, norm: str = "none", init: str = "he", max_norm: float | None = None):
         super().__init__()
-        self.name, self.max_norm = name, max_norm
+        self.name, self.max_norm, self.n_classes = name, max_norm, n_classes
         widths = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten(), *([nn.Dropout(dropout_input)] if dropout_input > 0 else [])]
         for a, b in zip(widths, widths[1:]):
@@ -40,10 +40,17 @@ class MLPClassifier(nn.Module):
 
 
 @torch.no_grad()
+def max_norm_(weight: torch.Tensor, bound: float) -> None:
+    """Rescale, in place, every row (last dimension: one unit's incoming weights) of ``weight`` whose L2 norm is
+    above ``bound`` to norm ``bound``. Leading dimensions are kept: (units, inputs), or stacked candidates'
+    (candidates, units, inputs)."""
+    weight.copy_(torch.renorm(weight.flatten(0, -2), p=2, dim=0, maxnorm=bound).view_as(weight))
+
+
 def apply_max_norm(model: nn.Module) -> None:
-    """Rescale each hidden unit's incoming weights (a row of its Linear weight) to norm ``model.max_norm`` where it
-    is larger; nothing for a model without a ``max_norm`` or with None."""
+    """Bound each hidden unit's incoming weights (a row of its Linear weight) by ``model.max_norm``; nothing for a
+    model without a ``max_norm`` or with None."""
     if getattr(model, "max_norm", None) is None:
         return
     for layer in model.hidden_layers():
-        layer.weight.copy_(torch.renorm(layer.weight, p=2, dim=0, maxnorm=model.max_norm))
+        max_norm_(layer.weight, model.max_norm)

@@ -1,7 +1,8 @@
 """Stage momentum_search: the lecture's momentum search — 100 values of (1 - m) on a log scale in
 [0.001, 0.1], each trained for one epoch at the learning rate lr_search chose, best by validation loss.
 
-The network is the autoencoder, or the classifier with ``search.subject=classifier``. The momentum is SGD's ``momentum`` or, for Adam (the recipe's optimizer), its first moment decay ``beta1``.
+The network is the autoencoder, or the classifier with ``search.subject=classifier``. The momentum is SGD's
+``momentum`` or, for Adam (the recipe's optimizer), its first moment decay ``beta1``.
 Outputs: ``reports/metrics/momentum_search.json``, ``reports/plots/momentum_search.csv``,
 ``reports/figures/momentum_search.png``; the metrics say whether the candidates trained as one vectorised ensemble
 (``vectorized``) and on which ``device``.
