@@ -20,8 +20,10 @@ import pytest
 import torch
 import xgboost
 from mlflow import MlflowClient
+from mlflow.entities import DatasetInput
+from mlflow.exceptions import MlflowException
 
-from aelab.tracking import project_root, start_run, tracking_uri
+from aelab.tracking import log_dataset, project_root, start_run, tracking_uri
 from conftest import compose_cfg
 
 
@@ -82,6 +84,49 @@ def test_runs_left_running_by_dead_processes_are_closed_as_killed(workdir):
     with start_run(compose_cfg(), "features"):
         pass
     assert statuses(client, stale, child, alive, elsewhere) == ["KILLED", "KILLED", "RUNNING", "RUNNING"]
+
+
+UNIQUE_VIOLATION = ('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk"'
+                    ' DETAIL: Key (experiment_id, name, digest) already exists.')  # what mlflow server answered in CI
+
+
+def racing_log_input(monkeypatch, error: str) -> list[str]:
+    """mlflow.log_input as it goes when a parallel job inserts the same dataset first: the first call inserts it from
+    another run, then fails as the server does; later calls are the real one. The run ids the calls came from."""
+    real, calls = mlflow.log_input, []
+
+    def log_input(dataset, context=None):
+        calls.append(mlflow.active_run().info.run_id)
+        if len(calls) > 1:
+            return real(dataset, context=context)
+        other = MlflowClient().create_run(mlflow.active_run().info.experiment_id)
+        MlflowClient().log_inputs(other.info.run_id, [DatasetInput(dataset._to_mlflow_entity())])
+        raise MlflowException(error)
+
+    monkeypatch.setattr(mlflow, "log_input", log_input)
+    return calls
+
+
+def test_a_dataset_a_parallel_job_inserted_first_is_linked_on_the_retry(workdir, monkeypatch):
+    manifest = workdir / "data/manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text("{}")
+    calls = racing_log_input(monkeypatch, UNIQUE_VIOLATION)
+    mlflow.set_experiment("aelab")
+    with mlflow.start_run() as run:
+        log_dataset(manifest, "fashion_mnist", "ab" * 32)
+    (linked,) = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert len(calls) == 2 and set(calls) == {run.info.run_id}
+    assert linked.dataset.name == "fashion_mnist" and linked.dataset.digest == "ab" * 16
+
+
+def test_other_dataset_errors_are_not_retried(workdir, monkeypatch):
+    (workdir / "manifest.json").write_text("{}")
+    calls = racing_log_input(monkeypatch, "INVALID_PARAMETER_VALUE: dataset name too long")
+    mlflow.set_experiment("aelab")
+    with mlflow.start_run(), pytest.raises(MlflowException, match="too long"):
+        log_dataset(workdir / "manifest.json", "fashion_mnist", "ab" * 32)
+    assert len(calls) == 1
 
 
 STARTER = """

@@ -9,6 +9,7 @@ import os
 import platform
 import socket
 import subprocess
+import time
 import warnings
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
@@ -35,6 +36,8 @@ SQLITE = "sqlite:///"
 DVC_EXP_TMP = (".dvc", "tmp", "exps")  # where `dvc exp run --temp` / `--queue` run a copy of the project
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"  # the UI's "model training"
 DIGEST_CHARS = 32  # of the manifest's sha256, as a dataset digest (MLflow's column holds 36)
+DATASET_ATTEMPTS = 3  # log_input tries when a parallel job inserted the same dataset first
+DUPLICATE_KEY_MESSAGES = ("duplicate key", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
 SWEEP_RUN_ENV = "AELAB_SWEEP_RUN_ID"  # the parent run of the Hydra multirun this process runs jobs of
 
 
@@ -142,11 +145,22 @@ def environment_tags() -> dict[str, str]:
 
 
 def log_dataset(manifest: Path | str, name: str, sha256: str) -> None:
-    """Log the data folder holding ``manifest`` as the active run's training input, its digest from ``sha256``."""
+    """Log the data folder holding ``manifest`` as the active run's training input, its digest from ``sha256``.
+
+    The tracking store looks the dataset up, then inserts it when new, in one transaction: parallel jobs (a Hydra
+    multirun on ``mlflow server``) that start at once can both insert it, and the second fails on the unique key
+    and rolls back; tried again, it finds the first one's row."""
     with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns it is ambiguous
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(manifest).resolve().parent))
-    mlflow.log_input(MetaDataset(source, name=name, digest=sha256[:DIGEST_CHARS]), context="training")
+    dataset = MetaDataset(source, name=name, digest=sha256[:DIGEST_CHARS])
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            return mlflow.log_input(dataset, context="training")
+        except MlflowException as err:  # parallel jobs inserting the same new dataset: the loser's insert fails
+            if attempt + 1 == DATASET_ATTEMPTS or not any(m in str(err) for m in DUPLICATE_KEY_MESSAGES):
+                raise
+            time.sleep(0.2 * (attempt + 1))  # the winner's row is there now: the retry links the run to it
 
 
 def git_commit() -> str:
