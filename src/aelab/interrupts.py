@@ -8,13 +8,17 @@ half written when it came, say) raises another exception chained to it; that sti
 
 A signal that arrives while the MLflow store is writing waits until the write is done: an exception raised inside
 a store transaction leaves sqlite locked (or the session broken) in this process, and the run could then not be
-marked KILLED at all. The signal is sent again every ``RETRY_S`` until it lands outside the store.
+marked KILLED at all. The signal is sent again every ``RETRY_S`` until it lands outside the store; once the block
+has ended no retry is sent (it would meet the restored default handler and kill the process uncounted), and a
+block that ended with a signal still waiting exits as that signal. Lightning answers SIGTERM by ending the fit with
+its own ``SIGTERMException``; that counts as the signal too.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -29,13 +33,6 @@ class StageInterrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
-
-
-def _raise(signum: int, frame) -> None:
-    if in_store(frame):
-        threading.Timer(RETRY_S, os.kill, (os.getpid(), signum)).start()
-        return
-    raise StageInterrupted(signum)
 
 
 def in_store(frame) -> bool:
@@ -54,6 +51,8 @@ def interrupting_signal(exc: BaseException) -> int | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, StageInterrupted):
             return exc.signum
+        if isinstance(exc, lightning_sigterm()):
+            return signal.SIGTERM
         seen.add(id(exc))
         exc = exc.__context__
     return None
@@ -66,17 +65,43 @@ def signals_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
+    waiting: list[int] = []  # signals that landed inside a store write and are being sent again
+    open_block = threading.Lock()  # held by a retry while it sends, so the handlers are not restored in between
+    active = True
+
+    def resend(signum: int) -> None:
+        with open_block:
+            if active:
+                os.kill(os.getpid(), signum)
+
+    def interrupt(signum: int, frame) -> None:
+        if active and not in_store(frame):
+            raise StageInterrupted(signum)
+        waiting.append(signum)  # inside a store write, or the block is closing: noted, not raised
+        if active:
+            threading.Timer(RETRY_S, resend, (signum,)).start()
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in SIGNALS}
     try:
         yield
     except BaseException as err:
-        signum = interrupting_signal(err)
+        signum = interrupting_signal(err) or (waiting[0] if waiting else None)
         if signum is None:
             raise
         raise SystemExit(128 + signum) from err
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        active = False
+        with open_block:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    if waiting:
+        raise SystemExit(128 + waiting[0])
+
+
+def lightning_sigterm() -> tuple[type, ...]:
+    """Lightning's SIGTERMException, if Lightning is loaded (the fit loop raises it after its SIGTERM handler ran)."""
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return (exceptions.SIGTERMException,) if exceptions else ()
 
 
 def process_alive(pid: int) -> bool:
