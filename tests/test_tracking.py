@@ -19,10 +19,12 @@ import mlflow
 import pytest
 import torch
 import xgboost
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput
 from mlflow.exceptions import MlflowException
 
+from aelab.interrupts import interrupting_signal, signals_interrupt
 from aelab.tracking import log_dataset, project_root, start_run, tracking_uri
 from conftest import compose_cfg
 
@@ -187,7 +189,7 @@ def test_a_signal_inside_a_store_write_still_kills_the_run(tiny_raw, smoke_overr
 
 
 SIGNAL_IN_A_STORE_WRITE_AT_THE_END = """
-import os, signal, sys, time
+import os, signal, time
 from aelab.interrupts import signals_interrupt
 store = {"__name__": "sqlite3.fake", "os": os, "signal": signal, "time": time}
 with signals_interrupt():
@@ -206,10 +208,6 @@ def test_a_signal_deferred_by_a_store_write_at_the_blocks_end_exits_as_the_signa
 
 
 def test_lightnings_own_sigterm_exit_counts_as_the_signal():
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from aelab.interrupts import interrupting_signal, signals_interrupt
-
     with pytest.raises(SystemExit) as stop, signals_interrupt():
         raise SIGTERMException
     assert stop.value.code == 128 + signal.SIGTERM
