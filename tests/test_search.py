@@ -136,6 +136,13 @@ def test_auto_vectorizes_the_models_checked_against_the_loop(overrides, expected
     assert vectorizes(compose_cfg(*overrides)) is expected
 
 
+def test_auto_loops_over_candidates_too_big_for_a_cpu_ensemble():
+    cfg = compose_cfg("search.subject=classifier")
+    assert vectorizes(cfg, torch.device("cpu"), 1_900_000) is False
+    assert vectorizes(cfg, torch.device("cpu"), 100_000) is True
+    assert vectorizes(cfg, torch.device("cuda"), 1_900_000) is True
+
+
 def test_auto_chunks_are_all_candidates_on_a_gpu_and_cache_sized_on_the_cpu():
     assert chunk_size(compose_cfg(), 100, torch.device("cuda")) == 100
     assert chunk_size(compose_cfg(), 100, torch.device("cpu")) == CPU_CHUNK < 100

@@ -6,7 +6,7 @@ with the key that holds it (``pretrain.lr = -1: Input should be greater than 0``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StrictInt, ValidationError,
@@ -149,6 +149,25 @@ class SearchCfg(_Section):
 
 XgbDevice = Literal["auto", "cpu", "cuda"]  # auto: the GPU when torch sees one and xgboost was built with CUDA
 XgbEngine = Literal["local", "dask"]  # dask: xgboost.dask on the cluster of the `dask` section
+
+
+class RecipeCfg(_Section):
+    fixed: list[str]
+    val_limit: PositiveInt
+    lr_batches: PositiveInt
+    n_weight_decay: int = Field(ge=2)
+    weight_decay_min: PositiveFloat
+    weight_decay_max: PositiveFloat
+    weight_decay_epochs: PositiveInt
+    dropout_input: list[Annotated[float, Rate]] = Field(min_length=1)
+    dropout_hidden: list[Annotated[float, Rate]] = Field(min_length=1)
+    dropout_epochs: PositiveInt
+
+    @model_validator(mode="after")
+    def _range_increases(self) -> "RecipeCfg":
+        if self.weight_decay_min >= self.weight_decay_max:
+            raise ValueError("recipe ranges need weight_decay_min < weight_decay_max")
+        return self
 
 
 class RegularizationCfg(_Section):
@@ -491,6 +510,7 @@ class Config(_Section):
     trainer: TrainerCfg
     pretrain: PretrainCfg
     search: SearchCfg
+    recipe: RecipeCfg
     regularization: RegularizationCfg
     features: FeaturesCfg
     downstream: DownstreamCfg

@@ -229,6 +229,14 @@ def _classify(inp: Inputs) -> str:
                                              "unregularized net's train vs validation accuracy")
 
 
+RECIPE_FIGURES = {step: f"reports/figures/recipe_{step}.png" for step in ("lr", "weight_decay", "momentum", "dropout")}
+
+
+def _recipe(inp: Inputs) -> str:
+    return inp.markdown("table") + "".join(inp.image(step, f"recipe step {step}: validation loss per candidate")
+                                           for step in RECIPE_FIGURES)
+
+
 def _searches(inp: Inputs) -> str:
     out = []
     for name, keys in (("lr", ["best_lr", "best_loss", "n_candidates", "n_batches", "optimizer"]),
@@ -340,6 +348,12 @@ SECTIONS: list[Section] = [
             "gap = train - test accuracy).",
             metric_line("{m[train_labels]} labels; unregularized test error {m[none][test_error]:.4f}, gap "
                         "{m[none][gap_train_minus_test]:.4f}")),
+    Section("The tuning recipe on the classifier", "recipe",
+            {"table": "reports/recipe.md", "metrics": "reports/metrics/recipe.json",
+             **RECIPE_FIGURES},
+            _recipe, "The lecture's recipe, each step from the picks before it: learning rate, weight decay, "
+            "momentum, dropout; then the classifier trained with the picks against the fixed recipe.",
+            metric_line("test error: tuned {m[tuned][test_error]:.4f} vs fixed {m[fixed][test_error]:.4f}")),
     Section("Learning-rate and momentum search", "momentum_search",
             {"lr_metrics": "reports/metrics/lr_search.json", "lr_figure": "reports/figures/lr_search.png",
              "momentum_metrics": "reports/metrics/momentum_search.json",
