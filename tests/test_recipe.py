@@ -40,6 +40,7 @@ def test_each_steps_pick_reaches_the_next_step(tiny_raw, smoke_overrides, monkey
     assert picks == {"classify.optim.lr": pytest.approx(lr), "classify.optim.weight_decay": pytest.approx(wd),
                      "classify.optim.betas": [pytest.approx(beta1), 0.999],
                      "classify.model.dropout_input": 0.1, "classify.model.dropout_hidden": 0.5}
+    assert all(s["at_edge"] for s in steps.values()) and steps["lr"]["best_x"] == pytest.approx(lr)
     assert steps["dropout"]["start"] == {k: v for k, v in picks.items() if "dropout" not in k}
     # the fixed recipe is where the first step starts: dropout 10 % / 50 % and ridge
     assert {(c.classify.model.dropout_input, c.classify.model.dropout_hidden) for c in seen["lr"]} == {(0.1, 0.5)}

@@ -109,10 +109,12 @@ def run_step(cfg: DictConfig, step: str, picks: dict, train, val, root) -> dict:
         losses, how = step_losses([with_values(start, c) for c in candidates], train, val, n_batches)
         result = run_search(f"recipe_{step}", losses, plot_x, xlabel, f"validation loss after {n_batches} "
                             "mini-batches", root, **how)
-        pick = candidates[result.pop("best_index")]
+        best = result.pop("best_index")
+        pick = candidates[best]
         mlflow.log_params({f"pick.{k}": v for k, v in pick.items()})
-    return {"pick": pick, "start": dict(picks), **result, "n_batches": n_batches,
-            "seconds": time.perf_counter() - began}
+    searched = {} if isinstance(plot_x[0], str) else {"best_x": float(plot_x[best]), "x": xlabel}
+    return {"pick": pick, "start": dict(picks), **result, **searched, "at_edge": best in (0, len(candidates) - 1),
+            "n_batches": n_batches, "seconds": time.perf_counter() - began}
 
 
 def run_recipe(cfg: DictConfig, train, val, root) -> tuple[dict, dict]:
@@ -126,10 +128,12 @@ def run_recipe(cfg: DictConfig, train, val, root) -> tuple[dict, dict]:
 
 
 def picks_table(steps: dict) -> str:
-    """The picks of the steps as a markdown table."""
-    return markdown_table([{"step": step, "pick": ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float)
-                                                            else f"{k.rsplit('.', 1)[-1]}={v}"
-                                                            for k, v in s["pick"].items()),
+    """The picks of the steps as a markdown table; a pick at either end of its candidates is marked."""
+    def shown(key: str, value) -> str:
+        return f"{key.rsplit('.', 1)[-1]}={value:.4g}" if isinstance(value, float) else f"{key.rsplit('.', 1)[-1]}={value}"
+
+    return markdown_table([{"step": step, "pick": ", ".join(shown(k, v) for k, v in s["pick"].items())
+                            + (" (edge of the range)" if s["at_edge"] else ""),
                             "val_loss": s["best_loss"], "candidates": s["n_candidates"],
                             "mini_batches_each": s["n_batches"], "diverged": s["n_diverged"],
                             "seconds": s["seconds"]} for step, s in steps.items()])
