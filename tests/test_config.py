@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aelab.config import ConfigError, validate
 from conftest import compose_cfg
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf/experiment").glob("*.yaml"))
 
 
 def test_default_and_smoke_configs_are_valid():
@@ -13,6 +17,19 @@ def test_default_and_smoke_configs_are_valid():
     smoke = compose_cfg("profile=smoke")
     validate(smoke)
     assert smoke.data.train_limit == 2000 and smoke.trainer.max_epochs == 2
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_preset_composes_into_a_valid_config_that_changes_it(name):
+    cfg = compose_cfg(f"experiment={name}")
+    validate(cfg)
+    assert cfg != compose_cfg()
+
+
+def test_classifier_presets_set_what_they_say():
+    assert compose_cfg("experiment=classifier_early_stopping").classify.early_stopping == 5
+    tuned = compose_cfg("experiment=classifier_tuned").classify
+    assert (tuned.optim.lr, tuned.model.dropout_hidden, tuned.model.dropout_input) == (0.00105, 0.0, 0.1)
 
 
 @pytest.mark.parametrize("model, code_dim", [("simple", 32), ("deep", 32), ("conv", 32)])
