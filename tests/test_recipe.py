@@ -26,6 +26,7 @@ def test_each_steps_pick_reaches_the_next_step(tiny_raw, smoke_overrides, monkey
 
     monkeypatch.setattr(recipe, "step_losses", last_is_best)
     cfg = recipe.recipe_start(compose_cfg(*smoke_overrides, *TINY))
+    mlflow.set_experiment("recipe-chain")  # in this test's store: an earlier test's experiment id is not there
     with mlflow.start_run():
         steps, picks = recipe.run_recipe(cfg, *recipe.search_data(cfg), tiny_raw)
     assert list(steps) == list(recipe.STEPS)
