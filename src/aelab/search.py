@@ -306,7 +306,7 @@ def run_search(name: str, losses: list[float], plot_x: np.ndarray | list[str], x
     finite = np.isfinite(losses)
     named = isinstance(plot_x[0], str)
     write_csv(root / f"reports/plots/{name}.csv",
-              [{"x": x, **({} if named else {"x": float(x), "log10_x": math.log10(x)}),
+              [{**({"x": x} if named else {"x": float(x), "log10_x": math.log10(x)}),
                 "val_loss": loss if math.isfinite(loss) else ""} for x, loss in zip(plot_x, losses)])
     x = np.arange(len(losses)) if named else np.asarray(plot_x)
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -130,7 +130,8 @@ def run_recipe(cfg: DictConfig, train, val, root) -> tuple[dict, dict]:
 def picks_table(steps: dict) -> str:
     """The picks of the steps as a markdown table; a pick at either end of its candidates is marked."""
     def shown(key: str, value) -> str:
-        return f"{key.rsplit('.', 1)[-1]}={value:.4g}" if isinstance(value, float) else f"{key.rsplit('.', 1)[-1]}={value}"
+        name = key.rsplit(".", 1)[-1]
+        return f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
 
     return markdown_table([{"step": step, "pick": ", ".join(shown(k, v) for k, v in s["pick"].items())
                             + (" (edge of the range)" if s["at_edge"] else ""),
