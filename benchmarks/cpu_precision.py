@@ -1,5 +1,6 @@
-"""Which layout and precision each conv net should train in on this CPU: the median time of one plain training step
-(forward, loss, backward, Adam) of the default denoiser, colorizer, SegNet and conv AE at their stages' batch shapes,
+"""Which layout and precision each net should train in on this CPU: the median time of one plain training step
+(forward, loss, backward, Adam) of the default denoiser, colorizer, SegNet, conv AE and MLP classifier at their stages'
+batch shapes,
 in fp32 or bf16 autocast, with contiguous or channels_last tensors. What ``cpu_precision`` and
 ``trainer.fast.channels_last=auto`` are set from (README: CPU).
 
@@ -41,6 +42,7 @@ def default_nets() -> dict[str, tuple]:
         "colorize": (lambda: hydra.utils.instantiate(cfg.colorize.model), (cfg.colorize.batch_size, 1, patch, patch),
                      False),
         "conv_ae": (lambda: autoencoder_module(conv).model, (conv.pretrain.batch_size, 1, 28, 28), False),
+        "classifier": (lambda: hydra.utils.instantiate(cfg.classify.model), (cfg.classify.batch_size, 1, 28, 28), False),
     }
 
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = {f"{'channels_last' if cl else 'contiguous'}_{'bf16' if bf16 else 'fp32'}_ms":
                round(1000 * step_seconds(net, cl, bf16, args.steps), 1) for cl in (False, True) for bf16 in (False, True)}
         base = row["contiguous_fp32_ms"]
-        print(f"{name:<9}" + "  ".join(f"{k[:-3]} {v:7.1f} ms ({base / v:.2f}x)" for k, v in row.items()), flush=True)
+        print(f"{name:<11}" + "  ".join(f"{k[:-3]} {v:7.1f} ms ({base / v:.2f}x)" for k, v in row.items()), flush=True)
         result["nets"][name] = row
     write_json(args.out, result)
     return result

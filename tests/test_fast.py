@@ -136,7 +136,7 @@ def test_cuda_graph_step_gives_the_eager_loss_curve(tiny_raw, smoke_overrides, t
 
 def test_divergence_fails_the_stage_and_keeps_nothing(tiny_raw, smoke_overrides):
     cfg = compose_cfg(*smoke_overrides, "pretrain.optim.name=sgd", "pretrain.optim.lr=1e4", "trainer.max_epochs=2")
-    with pytest.raises(TrainingDiverged, match=r"training diverged in epoch 0 .*learning rate 10000"):
+    with pytest.raises(TrainingDiverged, match=r"training diverged in epoch \d+ by batch \d+ .*learning rate 10000"):
         pretrain.main(cfg)
     assert not (tiny_raw / "reports/metrics/pretrain.json").exists()
     assert not (tiny_raw / "models").exists()  # no NaN checkpoint, no temporary folder

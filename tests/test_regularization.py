@@ -15,6 +15,7 @@ from aelab.config import ConfigError, validate
 from aelab.lit.autoencoder import AutoencoderModule, autoencoder_module
 from aelab.models.autoencoders import DenseAutoencoder
 from aelab.models.penalties import activity_l1, code_sparsity, kl_sparsity, weight_l1
+from aelab.stages.regularization import study_configs
 from conftest import compose_cfg
 
 
@@ -125,9 +126,19 @@ def test_experiments_compose_into_valid_configs(experiment):
     (["pretrain.optim.weight_decay=-1"], "pretrain.optim.weight_decay"),
     (["model.norm=layer"], "model.norm"),
     (["model.init=orthogonal"], "model.init"),
+    (["regularization.norm=bn"], "regularization.norm"),
     (["pretrain.optim.betas=[0.9,1.5]"], "pretrain.optim.betas"),
     (["pretrain.penalty.sparsity_kl=0.1"], "pretrain.penalty.sparsity_kl"),
 ])
 def test_bad_regularization_values_are_rejected_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_cfg(*overrides))
+
+
+def test_the_study_baseline_has_no_batch_norm_whatever_the_default_model_has():
+    cfg = compose_cfg()
+    assert cfg.model.norm == "bn_post"  # the default AE (the codes study's pick)
+    configs = study_configs(cfg)
+    assert configs["baseline"].model.norm == "none" and configs["dropout_10_50"].model.norm == "none"
+    assert configs["bn_pre"].model.norm == "bn_pre" and configs["bn_post"].model.norm == "bn_post"
+    assert configs["baseline"].data.train_limit == cfg.regularization.train_limit

@@ -42,6 +42,7 @@ class DataCfg(_Section):
 
 Rate = Field(ge=0, lt=1)
 NonNegative = Field(ge=0)
+Norm = Literal["none", "bn_pre", "bn_post"]  # batch norm: none, after the summation, after the activation
 
 
 class ModelCfg(_Section):
@@ -52,7 +53,7 @@ class ModelCfg(_Section):
     channels: list[PositiveInt] | None = Field(default=None, min_length=2, max_length=2)
     dropout_input: float = Rate
     dropout_hidden: float = Rate
-    norm: Literal["none", "bn_pre", "bn_post"]
+    norm: Norm
     init: Literal["default", "xavier", "he"]
     code_activation: Literal["relu", "sigmoid", "linear"]
 
@@ -176,7 +177,24 @@ class RegularizationCfg(_Section):
     xgb_estimators: PositiveInt
     xgb_device: XgbDevice
     xgb_engine: XgbEngine
+    norm: Norm
     variants: dict[str, list[str]] = Field(min_length=1)
+
+
+class CodesCfg(_Section):
+    input_noise: float = Field(ge=0, lt=1)
+    probe_max_iter: PositiveInt
+    references: list[Literal["pca", "raw"]]
+    variants: dict[str, list[str]] = Field(min_length=1)
+
+
+class FinetuneCfg(_Section):
+    budgets: list[PositiveInt] = Field(min_length=1)
+    inits: list[Literal["default", "xavier", "he", "pretrained", "frozen"]] = Field(min_length=1)
+    steps: PositiveInt
+    max_epochs: PositiveInt
+    patience: PositiveInt
+    val_limit: PositiveInt | None = None
 
 
 class FeaturesCfg(_Section):
@@ -443,18 +461,19 @@ class SegmentCfg(_Section):
         return self
 
 
-def check_label_budget(cfg: DictConfig) -> None:
-    """Raise ConfigError when ``classify.train_labels`` is more than the images of the seeded training split (the
-    catalog's size, cut by ``data.train_limit``, less the validation fraction). Checked by the classify stage only:
-    a study that shrinks ``data`` for itself (regularization) need not fit the classifier's budget."""
+def check_label_budget(cfg: DictConfig, key: str = "classify.train_labels", budget: int | None = None) -> None:
+    """Raise ConfigError when the label budget at ``key`` (``budget`` when given) is more than the images of the
+    seeded training split (the catalog's size, cut by ``data.train_limit``, less the validation fraction). Checked by
+    the stages that train on a budget only: a study that shrinks ``data`` for itself (regularization) need not fit
+    the classifier's budget."""
     from aelab.data.images import val_count  # torch: not for the stages that import this module without it
 
-    data, budget = cfg.data, cfg.classify.train_labels
+    data, budget = cfg.data, OmegaConf.select(cfg, key) if budget is None else budget
     n = get_spec(data.name).files[0].shape[0]
     n = min(n, data.train_limit) if data.train_limit else n
     available = n - val_count(n, data.val_fraction)
     if budget > available:
-        raise ConfigError(f"invalid config:\n  classify.train_labels: {budget} is more than the {available} images of "
+        raise ConfigError(f"invalid config:\n  {key}: {budget} is more than the {available} images of "
                           f"{data.name}'s training split (data.val_fraction {data.val_fraction}, data.train_limit "
                           f"{data.train_limit})")
 
@@ -477,7 +496,7 @@ class ClassifierNetCfg(_Section):
     hidden: list[PositiveInt] = Field(min_length=1)
     dropout_input: float = Rate
     dropout_hidden: float = Rate
-    norm: Literal["none", "bn_pre", "bn_post"]
+    norm: Norm
     init: Literal["default", "xavier", "he"]
     max_norm: PositiveFloat | None = None
 
@@ -513,6 +532,8 @@ class Config(_Section):
     recipe: RecipeCfg
     regularization: RegularizationCfg
     features: FeaturesCfg
+    codes: CodesCfg
+    finetune: FinetuneCfg
     downstream: DownstreamCfg
     dask: DaskCfg
     denoise: DenoiseCfg

@@ -8,7 +8,8 @@ and values of every metric to ``reports/spread.json`` and ``reports/spread.md`` 
 ``spread``). ``python -m aelab.check_metrics`` takes its tolerances from that file.
 
 ``--stages colorize ...`` reruns only those stages (and what they need) per seed, and replaces only their metrics
-(``reports/metrics/<stage>.json``) in the existing spread file: for a change that moves one stage's numbers.
+(``reports/metrics/<stage>.json``) in the existing spread file: for a change that moves one stage's numbers. A study
+outside the default pipeline is named with its file, ``--stages studies/dvc.yaml:codes``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ def run_seed(seed: int, overrides: list[str], stages: list[str] | None = None) -
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     files = read_revision(experiment_ref(name), METRICS_DIR)
-    return flat_metrics({stage: m for stage, m in files.items() if not stages or stage in stages})
+    names = stage_names(stages or [])
+    return flat_metrics({stage: m for stage, m in files.items() if not stages or stage in names})
+
+
+def stage_names(targets: list[str]) -> list[str]:
+    """The stage names of DVC targets (``studies/dvc.yaml:codes`` -> ``codes``), which name their metrics files."""
+    return [target.rsplit(":", 1)[-1] for target in targets]
 
 
 def merge_into(path: Path, spread: dict[str, dict], seeds: list[int], overrides: list[str],
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     runs = {seed: run_seed(seed, args.overrides, args.stages) for seed in args.seeds}
     spread = summarize(runs)
     if args.stages:
-        spread = merge_into(args.out / "spread.json", spread, args.seeds, args.overrides, args.stages)
+        spread = merge_into(args.out / "spread.json", spread, args.seeds, args.overrides, stage_names(args.stages))
     write_json(args.out / "spread.json", {"seeds": args.seeds, "overrides": args.overrides, "metrics": spread})
     table = args.out / "spread.md"
     with atomic_path(table) as tmp:

@@ -26,11 +26,16 @@ from aelab.tracking import SWEEP_RUN_ENV, tracking_uri, use_experiment
 
 def variant_configs(cfg: DictConfig, section: str, base: dict) -> dict[str, DictConfig]:
     """Each variant of a study (``<section>.variants``: name -> overrides) as a full config: ``cfg`` updated with
-    ``base`` (the study's data and epochs), then the variant's overrides; validated, the error naming the variant."""
+    ``base`` (the study's data and epochs), then the variant's overrides (``key=value``; a mapping value replaces the
+    node, e.g. another ``model``); validated, the error naming the variant."""
     common = OmegaConf.merge(cfg, base)
     configs = {}
     for name, overrides in OmegaConf.select(cfg, section).variants.items():
-        configs[name] = OmegaConf.merge(common, OmegaConf.from_dotlist(list(overrides)))
+        configs[name] = common.copy()
+        for override in overrides:
+            key, _, text = override.partition("=")
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]  # parsed as YAML
+            OmegaConf.update(configs[name], key, value, merge=False)
         try:
             validate(configs[name])
         except ConfigError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from aelab.data.catalog import get_spec, raw_dir
@@ -46,12 +47,13 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 class ImageDataModule(ResidentDataModule):
     """Train/val from the training set (seeded split), test from the held-out test set, resident on the device.
     ``train_labels`` keeps only the first that many images of the seeded train split (a label budget, which must
-    fit in the split), ``val_limit`` the first that many of the validation split; the test set stays whole."""
+    fit in the split), or with ``stratify`` a seeded class-stratified sample of that many; ``val_limit`` the first
+    that many of the validation split; the test set stays whole."""
 
     def __init__(self, data_cfg, batch_size: int, seed: int, train_labels: int | None = None,
-                 val_limit: int | None = None):
+                 val_limit: int | None = None, stratify: bool = False):
         super().__init__(batch_size, seed)
-        self.data_cfg, self.train_labels, self.val_limit = data_cfg, train_labels, val_limit
+        self.data_cfg, self.train_labels, self.val_limit, self.stratify = data_cfg, train_labels, val_limit, stratify
 
     def setup(self, stage: str | None = None) -> None:
         x, y = load_split(self.data_cfg, "train")
@@ -60,6 +62,9 @@ class ImageDataModule(ResidentDataModule):
         if self.train_labels is not None and self.train_labels > len(train_idx):
             raise ValueError(f"a label budget of {self.train_labels} images (classify.train_labels) is more than the "
                              f"{len(train_idx)} of {self.data_cfg.name}'s training split")
+        if self.stratify and self.train_labels is not None and self.train_labels < len(train_idx):
+            train_idx = np.sort(train_test_split(train_idx, train_size=self.train_labels, stratify=y[train_idx].numpy(),
+                                                 random_state=self.seed)[0])
         train_idx, val_idx = train_idx[:self.train_labels], val_idx[:self.val_limit]
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])

@@ -24,9 +24,12 @@ class AutoencoderModule(FastModule):
     the squared error of the raw output (for standardized tables, whose values are not in [0, 1]). ``penalty`` adds L1 on
     the weights, L1 on the code activity and a KL sparsity term toward ``sparsity_target``; L2 is the optimizer's
     ``weight_decay``. Whatever the loss, the per-pixel MSE is tracked as ``val_mse`` / ``test_mse``.
+    ``input_noise`` > 0 trains a denoising autoencoder: in training, that fraction of the input's pixels is set to
+    zero (the lecture's zero-mask noise) and the clean input is the target; validation and test stay clean.
     """
 
-    def __init__(self, model_cfg: dict, loss: str = "bce", optim: dict | None = None, penalty: dict | None = None):
+    def __init__(self, model_cfg: dict, loss: str = "bce", optim: dict | None = None, penalty: dict | None = None,
+                 input_noise: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.optim = {**DEFAULT_OPTIM, **(optim or {})}
@@ -64,7 +67,8 @@ class AutoencoderModule(FastModule):
 
     def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction loss, penalty) of one batch; training minimises their sum."""
-        code = self.model.encode(x)
+        noise = self.hparams.input_noise
+        code = self.model.encode(x.masked_fill(torch.rand_like(x) < noise, 0.0) if noise and self.training else x)
         return self.reconstruction_loss(self.model.decoder(code), x), self.penalty_loss(code)
 
     def search_loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,11 +104,11 @@ class AutoencoderModule(FastModule):
         return self.optimizers_from(self.optim)
 
 
-def autoencoder_module(cfg) -> AutoencoderModule:
-    """The module for the composed config's ``model`` and ``pretrain`` sections."""
+def autoencoder_module(cfg, input_noise: float = 0.0) -> AutoencoderModule:
+    """The module for the composed config's ``model`` and ``pretrain`` sections (denoising with ``input_noise``)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     return AutoencoderModule(plain["model"], plain["pretrain"]["loss"], plain["pretrain"]["optim"],
-                             plain["pretrain"]["penalty"])
+                             plain["pretrain"]["penalty"], input_noise)
 
 
 @torch.inference_mode()

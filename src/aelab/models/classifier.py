@@ -34,6 +34,20 @@ class MLPClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def load_encoder(self, encoder: nn.Sequential, freeze: bool = False) -> None:
+        """Initialize the first layers from an autoencoder's ``encoder`` (the same layers: hidden widths = its hidden
+        widths and code, its code layer the last hidden layer, the same norm and a ReLU code); ``freeze`` takes
+        their weights out of training (linear evaluation: only the softmax head learns)."""
+        first = self.net[:len(encoder)]
+        if [type(m) for m in first] != [type(m) for m in encoder]:
+            raise ValueError(f"the classifier's first layers {[type(m).__name__ for m in first]} are not the "
+                             f"encoder's {[type(m).__name__ for m in encoder]}")
+        try:
+            first.load_state_dict(encoder.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"the classifier's first layers do not match the encoder's: {err}") from None
+        first.requires_grad_(not freeze)
+
     def hidden_layers(self) -> list[nn.Linear]:
         """The Linear layers that feed hidden units (all but the output layer)."""
         return [m for m in self.net if isinstance(m, nn.Linear)][:-1]

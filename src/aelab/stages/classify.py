@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 
 import hydra
 import lightning as L
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from aelab.config import check_label_budget, validate
 from aelab.data.images import ImageDataModule, raw_dir
 from aelab.figures import plt, save_figure
-from aelab.lit.classifier import accuracy_and_loss, classifier_module
+from aelab.lit.classifier import ClassifierModule, accuracy_and_loss, classifier_module
 from aelab.lit.trainer import fit_best, score_test_split
 from aelab.paths import atomic_path, require, write_csv, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
@@ -38,18 +39,25 @@ TABLE_KEYS = ("variant", "test_error", "best_val_error", "gap_train_minus_test",
               "steps_to_baseline", "epochs", "train_seconds")
 
 
-def train_variant(name: str, vcfg: DictConfig, overrides: list[str], workdir: str,
-                  stage: str = "classify") -> tuple[dict, list[dict]]:
+def train_variant(name: str, vcfg: DictConfig, overrides: list[str], workdir: str, stage: str = "classify",
+                  prepare: Callable[[ClassifierModule], None] | None = None,
+                  stratify: bool = False) -> tuple[dict, list[dict]]:
     """Train the classifier of ``vcfg`` (``overrides`` made it a variant) in a child run; return its row (the
-    table's columns and more) and its per-epoch history (step, train/val loss and accuracy)."""
+    table's columns and more) and its per-epoch history (step, train/val loss and accuracy). ``prepare`` changes the
+    initialized module before training (e.g. loads a pretrained encoder); ``stratify`` draws the label budget
+    class-stratified."""
     c = vcfg.classify
     L.seed_everything(vcfg.seed, workers=True)
     trainer_cfg = OmegaConf.merge(vcfg.trainer, {"max_epochs": c.max_epochs})
     with mlflow.start_run(run_name=name, nested=True, tags={"stage": stage, "variant": name}) as run:
         mlflow.log_params({"variant": name, "overrides": " ".join(overrides) or "(none)"})
-        data = ImageDataModule(vcfg.data, c.batch_size, vcfg.seed, train_labels=c.train_labels, val_limit=c.val_limit)
+        data = ImageDataModule(vcfg.data, c.batch_size, vcfg.seed, train_labels=c.train_labels, val_limit=c.val_limit,
+                               stratify=stratify)
         stop = [EarlyStopping(monitor="val_loss", patience=c.early_stopping)] if c.early_stopping else []
-        module, history, _ = fit_best(classifier_module(vcfg), data, trainer_cfg, lightning_logger(vcfg, run),
+        module = classifier_module(vcfg)
+        if prepare is not None:
+            prepare(module)
+        module, history, _ = fit_best(module, data, trainer_cfg, lightning_logger(vcfg, run),
                                       f"{workdir}/{name}.ckpt", keys=HISTORY_KEYS,
                                       monitor="val_loss" if stop else None, callbacks=stop)
         test = score_test_split(module, data, trainer_cfg)

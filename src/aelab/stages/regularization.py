@@ -1,7 +1,8 @@
 """Stage regularization: the lecture's regularizers side by side on one small training set.
 
 Each variant (``regularization.variants``: name -> overrides of the composed config) trains the configured
-autoencoder on the first ``train_limit`` training images — few enough that regularization has overfitting to fight —
+autoencoder, with ``regularization.norm`` (none: batch norm is a variant, not part of the baseline), on the first
+``train_limit`` training images — few enough that regularization has overfitting to fight —
 as a child MLflow run of one ``regularization`` run. The table answers the lecture's questions: best validation
 loss and the generalization gap (val - train loss), test MSE, the epochs/steps each variant needs to reach the
 baseline's best validation loss (BN's "fewer steps" claim), the code's sparsity (mean activation, fraction of units
@@ -66,6 +67,14 @@ def train_variant(name: str, vcfg: DictConfig, workdir: str, client=None) -> tup
     return row, [((r["epoch"] + 1) * steps_per_epoch, r["val_loss"]) for r in history.rows]
 
 
+def study_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Each variant's full config: the study's training set, epochs and norm under the variant's overrides."""
+    study = cfg.regularization
+    return variant_configs(cfg, "regularization", {"data": {"train_limit": study.train_limit},
+                                                   "trainer": {"max_epochs": study.max_epochs},
+                                                   "model": {"norm": study.norm}})
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @publishes_outputs
 def main(cfg: DictConfig) -> list[dict]:
@@ -73,9 +82,7 @@ def main(cfg: DictConfig) -> list[dict]:
     device = xgb_device(cfg.regularization.xgb_device, "regularization.xgb_device")  # fails here if it cannot run
     root = output_root()
     manifest = require(raw_dir(cfg.data) / "manifest.json", "download")
-    study = cfg.regularization
-    configs = variant_configs(cfg, "regularization", {"data": {"train_limit": study.train_limit},
-                                                      "trainer": {"max_epochs": study.max_epochs}})
+    configs = study_configs(cfg)
     rows, histories = [], []
     engine = cfg.regularization.xgb_engine
     with (start_run(cfg, "regularization", manifest), tempfile.TemporaryDirectory() as workdir,
