@@ -96,13 +96,14 @@ def test_finetune_study_end_to_end(tiny_raw, smoke_overrides):
 
 
 def test_spread_figure_draws_each_init_over_the_seeds(tmp_path):
-    metrics = {f"finetune.{b}.{i}.test_accuracy": {"mean": 0.0, "std": 0.0, "values": {"42": acc, "43": acc + 0.01}}
+    metrics = {f"finetune.{b}.{i}.test_accuracy": {"mean": acc + 0.005, "std": 0.007, "n": 2,
+                                                   "values": {"42": acc, "43": acc + 0.01}}
                for b, i, acc in [(100, "he", 0.5), (1000, "he", 0.7), (100, "pretrained", 0.6), (1000, "pretrained", 0.8)]}
     metrics["finetune.100.he.epochs"] = {"mean": 3, "std": 0, "values": {"42": 3, "43": 3}}
     metrics["downstream.ae.accuracy"] = {"mean": 0.8, "std": 0, "values": {"42": 0.8, "43": 0.8}}
     curves = spread_curves(metrics)
-    assert curves == {"he": {100: [0.5, 0.51], 1000: [0.7, 0.71]},
-                      "pretrained": {100: [0.6, 0.61], 1000: [0.8, 0.81]}}
+    assert curves == {i: {b: metrics[f"finetune.{b}.{i}.test_accuracy"] for b in (100, 1000)}
+                      for i in ("he", "pretrained")}  # the spread's own mean, std and seeds, nothing recomputed
     path = spread_figure(tmp_path / "fig.png", curves, [42, 43])
     assert path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="aelab.spread"):

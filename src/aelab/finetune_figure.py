@@ -14,33 +14,32 @@ from pathlib import Path
 from aelab.figures import plt, save_figure
 
 
-def spread_curves(metrics: dict[str, dict]) -> dict[str, dict[int, list[float]]]:
-    """Each init's test accuracy per label budget, one value per seed, from the spread's flat metrics
-    (``finetune.<budget>.<init>.test_accuracy``)."""
-    curves: dict[str, dict[int, list[float]]] = {}
+def spread_curves(metrics: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """Each init's test accuracy per label budget as the spread summarized it (mean, std, per-seed values), from its
+    flat metrics (``finetune.<budget>.<init>.test_accuracy``)."""
+    curves: dict[str, dict[int, dict]] = {}
     for key, m in metrics.items():
         stage, budget, init, name = (key.split(".") + [""] * 4)[:4]
         if stage == "finetune" and name == "test_accuracy":
-            curves.setdefault(init, {})[int(budget)] = [m["values"][s] for s in sorted(m["values"])]
+            curves.setdefault(init, {})[int(budget)] = m
     if not curves:
         raise ValueError("no finetune.<budget>.<init>.test_accuracy in the spread: run python -m aelab.spread "
                          "--stages studies/dvc.yaml:finetune first")
     return curves
 
 
-def spread_figure(path: Path | str, curves: dict[str, dict[int, list[float]]], seeds: list[int]) -> Path:
+def spread_figure(path: Path | str, curves: dict[str, dict[int, dict]], seeds: list[int]) -> Path:
     """Mean line, ± std band and per-seed dots of each init's accuracy against the label budget."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for init, by_budget in curves.items():
         budgets = sorted(by_budget)
-        values = [by_budget[b] for b in budgets]
-        mean = [sum(v) / len(v) for v in values]
-        std = [(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5 for v, m in zip(values, mean)]
+        mean, std = ([by_budget[b][k] for b in budgets] for k in ("mean", "std"))
         (line,) = ax.plot(budgets, mean, marker="o", label=init)
         ax.fill_between(budgets, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
-        for b, v in zip(budgets, values):
-            ax.scatter([b] * len(v), v, color=line.get_color(), s=8, alpha=0.6)
+        for b in budgets:
+            values = list(by_budget[b]["values"].values())
+            ax.scatter([b] * len(values), values, color=line.get_color(), s=8, alpha=0.6)
     ax.set_xscale("log")
     ax.set_xlabel("labelled training images")
     ax.set_ylabel("test accuracy")
