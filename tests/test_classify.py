@@ -35,6 +35,9 @@ def test_batch_norm_before_or_after_the_activation():
     post = [type(m) for m in MLPClassifier([32], norm="bn_post").net]
     assert pre == [nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert post == [nn.Flatten, nn.Linear, nn.ReLU, nn.BatchNorm1d, nn.Linear]
+    # code_norm=False: none on the last hidden layer, as on an autoencoder's code layer
+    code = [type(m) for m in MLPClassifier([32, 8], norm="bn_pre", code_norm=False).net]
+    assert code == [nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
 
 
 @pytest.mark.parametrize("init, expected", [("he", math.sqrt(2 / 784)), ("xavier", math.sqrt(2 / (784 + 512))),

@@ -18,14 +18,25 @@ from aelab.stages import finetune, pretrain
 from conftest import compose_cfg
 
 
-def encoder_and_classifier(init: str = "he"):
-    cfg = compose_cfg("model.hidden=[16,8]", "model.code_dim=4")
+def encoder_and_classifier(init: str = "he", *overrides: str):
+    cfg = compose_cfg("model.hidden=[16,8]", "model.code_dim=4", *overrides)
     encoder = autoencoder_module(cfg).model.encoder
     return encoder, classifier_module(finetune.encoder_shaped(cfg, init, 100))
 
 
 def first_linears(module) -> list[torch.nn.Linear]:
     return [m for m in module.modules() if isinstance(m, torch.nn.Linear)][:3]
+
+
+@pytest.mark.parametrize("norm", ["none", "bn_pre", "bn_post"])
+def test_every_norm_of_the_encoder_lands_batch_norm_included(norm):
+    encoder, module = encoder_and_classifier("he", f"model.norm={norm}")
+    for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+        bn.running_mean.uniform_()  # statistics a trained encoder has, unlike a fresh classifier's zeros
+    module.model.load_encoder(encoder)
+    mine, theirs = module.model.net[:len(encoder)].state_dict(), encoder.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in encoder) == (0 if norm == "none" else 2)
 
 
 @pytest.mark.parametrize("freeze", [False, True])

@@ -47,6 +47,9 @@ FIXTURES = {
     "reports/recipe.md": "| step | pick |\n|---|---|\n| lr | lr=0.001 |\n",
     "reports/metrics/recipe.json": {"fixed": {"test_error": 0.19}, "tuned": {"test_error": 0.18}},
     **{f"reports/figures/recipe_{step}.png": None for step in ("lr", "weight_decay", "momentum", "dropout")},
+    "reports/codes.md": "| features | xgb_accuracy |\n|---|---|\n| deep_bn_pre | 0.8736 |\n| pca_32 | 0.8691 |\n",
+    "reports/finetune.md": "| labels | default | pretrained |\n|---|---|---|\n| 100 | 0.68 | 0.66 |\n",
+    "reports/figures/finetune_accuracy.png": None,
     "reports/metrics/lr_search.json": {"best_lr": 0.003, "best_loss": 0.28, "n_candidates": 100, "n_batches": 30,
                                        "optimizer": "adam"},
     "reports/figures/lr_search.png": None,
@@ -115,13 +118,17 @@ def test_markdown_tables_and_text_become_html():
     assert '<td>x</td><td class="num">1</td><td class="center">y</td>' in html
 
 
-def test_fixtures_cover_every_input_and_dvc_yaml_declares_them():
+def test_fixtures_cover_every_input_and_dvc_yaml_declares_the_pipelines():
     cfg = compose_cfg()
+    assert {str(p) for p in report.input_paths(cfg, studies=True)} == set(FIXTURES)
     inputs = {str(p) for p in report.input_paths(cfg)}
-    assert inputs == set(FIXTURES)
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
     deps = {d.replace("${data.name}", cfg.data.name) for d in stage["deps"]}
     assert inputs | {"src/aelab/stages/report.py", "src/aelab/stages/report_template.py"} <= deps
+    # a study's outputs are shown, never deps: a dep would pull the study into `dvc repro`
+    studies = yaml.safe_load((REPO / "studies/dvc.yaml").read_text())["stages"]
+    assert {s.stage for s in report.SECTIONS if s.study} == {f"studies/dvc.yaml:{name}" for name in studies}
+    assert not deps & (set(FIXTURES) - inputs)
     assert stage["outs"] == [{report.OUT: {"cache": False}}]
 
 

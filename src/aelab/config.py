@@ -499,6 +499,7 @@ class ClassifierNetCfg(_Section):
     norm: Norm
     init: Literal["default", "xavier", "he"]
     max_norm: PositiveFloat | None = None
+    code_norm: bool
 
 
 class ClassifyCfg(_Section):

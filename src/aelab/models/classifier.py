@@ -17,17 +17,20 @@ from aelab.models.autoencoders import hidden_block, init_weights
 
 
 class MLPClassifier(nn.Module):
-    """input -> hidden... -> n_classes logits, fully connected."""
+    """input -> hidden... -> n_classes logits, fully connected. ``code_norm=False`` leaves batch norm out of the
+    last hidden layer, as an autoencoder's code layer has none (the shape :meth:`load_encoder` needs)."""
 
     def __init__(self, hidden: list[int] | tuple[int, ...] = (1024, 1024), n_classes: int = 10, name: str = "mlp",
                  input_shape: list[int] | tuple[int, ...] = (1, 28, 28), dropout_input: float = 0.0,
-                 dropout_hidden: float = 0.0, norm: str = "none", init: str = "he", max_norm: float | None = None):
+                 dropout_hidden: float = 0.0, norm: str = "none", init: str = "he", max_norm: float | None = None,
+                 code_norm: bool = True):
         super().__init__()
         self.name, self.max_norm, self.n_classes = name, max_norm, n_classes
         widths = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten(), *([nn.Dropout(dropout_input)] if dropout_input > 0 else [])]
-        for a, b in zip(widths, widths[1:]):
-            layers += hidden_block(nn.Linear(a, b), b, norm, dropout_hidden)
+        for i, (a, b) in enumerate(zip(widths, widths[1:])):
+            last = i == len(hidden) - 1
+            layers += hidden_block(nn.Linear(a, b), b, norm if code_norm or not last else "none", dropout_hidden)
         self.net = nn.Sequential(*layers, nn.Linear(widths[-1], n_classes))
         init_weights(self, init)
 
@@ -36,8 +39,8 @@ class MLPClassifier(nn.Module):
 
     def load_encoder(self, encoder: nn.Sequential, freeze: bool = False) -> None:
         """Initialize the first layers from an autoencoder's ``encoder`` (the same layers: hidden widths = its hidden
-        widths and code, its code layer the last hidden layer, the same norm and a ReLU code); ``freeze`` takes
-        their weights out of training (linear evaluation: only the softmax head learns)."""
+        widths and code, its code layer the last hidden layer, the same norm, ``code_norm=False`` and a ReLU code);
+        ``freeze`` takes their weights out of training (linear evaluation: only the softmax head learns)."""
         first = self.net[:len(encoder)]
         if [type(m) for m in first] != [type(m) for m in encoder]:
             raise ValueError(f"the classifier's first layers {[type(m).__name__ for m in first]} are not the "

@@ -47,7 +47,8 @@ def encoder_shaped(cfg: DictConfig, init: str, budget: int) -> DictConfig:
     batches = math.ceil(budget / cfg.classify.batch_size)
     epochs = min(cfg.finetune.max_epochs, max(1, math.ceil(cfg.finetune.steps / batches)))
     net = {"hidden": [*cfg.model.hidden, cfg.model.code_dim], "norm": cfg.model.norm, "dropout_input": 0.0,
-           "dropout_hidden": 0.0, "max_norm": None, "init": "he" if init in PRETRAINED else init}
+           "dropout_hidden": 0.0, "max_norm": None, "init": "he" if init in PRETRAINED else init,
+           "code_norm": False}
     return OmegaConf.merge(cfg, {"classify": {"model": net, "train_labels": budget, "max_epochs": epochs,
                                               "val_limit": cfg.finetune.val_limit, "l1_weight": 0.0,
                                               "early_stopping": cfg.finetune.patience}})

@@ -167,7 +167,9 @@ class Inputs:
 @dataclass(frozen=True)
 class Section:
     """One part of the report: ``inputs`` (name -> path, ``{raw}`` = the data set's raw folder) are made by
-    ``stage``; ``render`` turns them into HTML; ``headline`` (optional) is the one-line result in the overview."""
+    ``stage``; ``render`` turns them into HTML; ``headline`` (optional) is the one-line result in the overview.
+    A study's stage (``studies/dvc.yaml:<name>``) is outside the pipeline: the report shows its committed outputs
+    but does not depend on them (a dep would pull the study into ``dvc repro``)."""
 
     title: str
     stage: str
@@ -175,6 +177,11 @@ class Section:
     render: Callable[[Inputs], str]
     intro: str = ""
     headline: Callable[[Inputs], str] | None = None
+
+    @property
+    def study(self) -> bool:
+        """Whether ``stage`` is a study's (studies/dvc.yaml), run apart from the pipeline."""
+        return self.stage.startswith(STUDIES)
 
     @property
     def slug(self) -> str:
@@ -229,12 +236,24 @@ def _classify(inp: Inputs) -> str:
                                              "unregularized net's train vs validation accuracy")
 
 
+STUDIES = "studies/dvc.yaml:"
+STUDY_NOTE = ("A study, outside the pipeline: its committed results, from the default config; "
+              "dvc repro studies/dvc.yaml reruns the studies, then dvc repro -f report this page.")
 RECIPE_FIGURES = {step: f"reports/figures/recipe_{step}.png" for step in ("lr", "weight_decay", "momentum", "dropout")}
 
 
 def _recipe(inp: Inputs) -> str:
     return inp.markdown("table") + "".join(inp.image(step, f"recipe step {step}: validation loss per candidate")
                                            for step in RECIPE_FIGURES)
+
+
+def _codes(inp: Inputs) -> str:
+    return inp.markdown("table")
+
+
+def _finetune(inp: Inputs) -> str:
+    return inp.markdown("table") + inp.image("figure", "test accuracy vs labelled images, one line per init "
+                                             "(seed 42)")
 
 
 def _searches(inp: Inputs) -> str:
@@ -348,12 +367,20 @@ SECTIONS: list[Section] = [
             "gap = train - test accuracy).",
             metric_line("{m[train_labels]} labels; unregularized test error {m[none][test_error]:.4f}, gap "
                         "{m[none][gap_train_minus_test]:.4f}")),
-    Section("The tuning recipe on the classifier", "recipe",
+    Section("The tuning recipe on the classifier (study)", f"{STUDIES}recipe",
             {"table": "reports/recipe.md", "metrics": "reports/metrics/recipe.json",
              **RECIPE_FIGURES},
             _recipe, "The lecture's recipe, each step from the picks before it: learning rate, weight decay, "
-            "momentum, dropout; then the classifier trained with the picks against the fixed recipe.",
+            "momentum, dropout; then the classifier trained with the picks against the fixed recipe. " + STUDY_NOTE,
             metric_line("test error: tuned {m[tuned][test_error]:.4f} vs fixed {m[fixed][test_error]:.4f}")),
+    Section("Which autoencoder's codes (study)", f"{STUDIES}codes",
+            {"table": "reports/codes.md"}, _codes,
+            "Several autoencoders scored on their 32-d test codes by XGBoost and a linear probe, beside PCA-32 and "
+            "raw pixels. " + STUDY_NOTE),
+    Section("Pretraining as initialization (study)", f"{STUDIES}finetune",
+            {"table": "reports/finetune.md", "figure": "reports/figures/finetune_accuracy.png"}, _finetune,
+            "The classifier from default or He init against the pretrained encoder, fine-tuned or frozen, "
+            "test accuracy by label budget. " + STUDY_NOTE),
     Section("Learning-rate and momentum search", "momentum_search",
             {"lr_metrics": "reports/metrics/lr_search.json", "lr_figure": "reports/figures/lr_search.png",
              "momentum_metrics": "reports/metrics/momentum_search.json",
@@ -388,9 +415,11 @@ SECTIONS: list[Section] = [
 ]
 
 
-def input_paths(cfg: DictConfig) -> list[Path]:
-    """Every file the report reads (the report stage's deps in dvc.yaml)."""
-    return [Path(p.format(raw=raw_dir(cfg.data))) for s in SECTIONS for p in s.inputs.values()]
+def input_paths(cfg: DictConfig, studies: bool = False) -> list[Path]:
+    """Every file the report reads from the pipeline (the report stage's deps in dvc.yaml); with ``studies``, the
+    studies' committed outputs too."""
+    return [Path(p.format(raw=raw_dir(cfg.data))) for s in SECTIONS if studies or not s.study
+            for p in s.inputs.values()]
 
 
 def render_section(section: Section, cfg: DictConfig, root: Path) -> tuple[str, str, str]:
