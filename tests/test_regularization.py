@@ -137,7 +137,7 @@ def test_bad_regularization_values_are_rejected_naming_the_key(overrides, key):
 
 def test_the_study_baseline_has_no_batch_norm_whatever_the_default_model_has():
     cfg = compose_cfg()
-    assert cfg.model.norm == "bn_post"  # the default AE (the codes study's pick)
+    assert cfg.model.norm == "bn_pre"  # the default AE (the codes study's pick)
     configs = study_configs(cfg)
     assert configs["baseline"].model.norm == "none" and configs["dropout_10_50"].model.norm == "none"
     assert configs["bn_pre"].model.norm == "bn_pre" and configs["bn_post"].model.norm == "bn_post"
