@@ -238,7 +238,7 @@ def _classify(inp: Inputs) -> str:
 
 STUDIES = "studies/dvc.yaml:"
 STUDY_NOTE = ("A study, outside the pipeline: its committed results, from the default config; "
-              "dvc repro studies/dvc.yaml reruns the studies, then dvc repro -f report this page.")
+              "dvc repro studies/dvc.yaml reruns the studies, then dvc repro -f -s report this page.")
 RECIPE_FIGURES = {step: f"reports/figures/recipe_{step}.png" for step in ("lr", "weight_decay", "momentum", "dropout")}
 
 
