@@ -247,10 +247,6 @@ def _recipe(inp: Inputs) -> str:
                                            for step in RECIPE_FIGURES)
 
 
-def _codes(inp: Inputs) -> str:
-    return inp.markdown("table")
-
-
 def _finetune(inp: Inputs) -> str:
     return inp.markdown("table") + inp.image("figure", "test accuracy vs labelled images, one line per init "
                                              "(seed 42)")
@@ -266,7 +262,7 @@ def _searches(inp: Inputs) -> str:
     return "".join(out)
 
 
-def _tabular(inp: Inputs) -> str:
+def _table(inp: Inputs) -> str:
     return inp.markdown("table")
 
 
@@ -374,7 +370,7 @@ SECTIONS: list[Section] = [
             "momentum, dropout; then the classifier trained with the picks against the fixed recipe. " + STUDY_NOTE,
             metric_line("test error: tuned {m[tuned][test_error]:.4f} vs fixed {m[fixed][test_error]:.4f}")),
     Section("Which autoencoder's codes (study)", f"{STUDIES}codes",
-            {"table": "reports/codes.md"}, _codes,
+            {"table": "reports/codes.md"}, _table,
             "Several autoencoders scored on their 32-d test codes by XGBoost and a linear probe, beside PCA-32 and "
             "raw pixels. " + STUDY_NOTE),
     Section("Pretraining as initialization (study)", f"{STUDIES}finetune",
@@ -388,7 +384,7 @@ SECTIONS: list[Section] = [
             "The lecture's recipe: many learning rates, a few mini-batches each; then 1 - momentum at the best rate.",
             metric_line("momentum {m[best_momentum]:.4g} at lr {m[lr]:.3g}", "momentum_metrics")),
     Section("Tabular data: sparse over-complete codes", "tabular",
-            {"table": "reports/tabular.md", "metrics": "reports/metrics/tabular.json"}, _tabular,
+            {"table": "reports/tabular.md", "metrics": "reports/metrics/tabular.json"}, _table,
             "A sparse over-complete autoencoder on a table, its codes fed to XGBoost, stratified cross-validation.",
             metric_line("ROC-AUC: raw {m[raw][roc_auc_mean]:.4f}, codes {m[codes][roc_auc_mean]:.4f}")),
     Section("Denoising", "denoise",
