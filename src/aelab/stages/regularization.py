@@ -1,4 +1,5 @@
-"""Stage regularization: the lecture's regularizers side by side on one small training set.
+"""Study regularization (studies/dvc.yaml): the lecture's regularizers on the autoencoder, side by side on one small
+training set.
 
 Each variant (``regularization.variants``: name -> overrides of the composed config) trains the configured
 autoencoder, with ``regularization.norm`` (none: batch norm is a variant, not part of the baseline), on the first

@@ -353,9 +353,6 @@ SECTIONS: list[Section] = [
             "The same gradient-boosted classifier trained on raw pixels, on PCA components and on the AE codes.",
             metric_line("test accuracy: raw {m[raw][accuracy]:.4f}, PCA {m[pca][accuracy]:.4f}, "
                         "AE {m[ae][accuracy]:.4f}")),
-    Section("Regularization", "regularization",
-            {"table": "reports/regularization.md", "val_loss": "reports/plots/regularization_val_loss.csv"},
-            _regularization, "The lecture's regularizers side by side on one small training set."),
     Section("Classifier: overfitting and the regularizers against it", "classify",
             {"table": "reports/classify.md", "metrics": "reports/metrics/classify.json",
              "curves": "reports/figures/classify_curves.png"}, _classify,
@@ -363,6 +360,10 @@ SECTIONS: list[Section] = [
             "gap = train - test accuracy).",
             metric_line("{m[train_labels]} labels; unregularized test error {m[none][test_error]:.4f}, gap "
                         "{m[none][gap_train_minus_test]:.4f}")),
+    Section("Regularizing the autoencoder (study)", f"{STUDIES}regularization",
+            {"table": "reports/regularization.md", "val_loss": "reports/plots/regularization_val_loss.csv"},
+            _regularization, "The lecture's regularizers on the autoencoder, side by side on one small training "
+            "set (it hardly overfits: the classifier above is where they have overfitting to fight). " + STUDY_NOTE),
     Section("The tuning recipe on the classifier (study)", f"{STUDIES}recipe",
             {"table": "reports/recipe.md", "metrics": "reports/metrics/recipe.json",
              **RECIPE_FIGURES},
