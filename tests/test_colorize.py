@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import io
@@ -281,3 +282,19 @@ def test_color_stages_on_the_fallback(workdir, smoke_overrides, monkeypatch):
     assert len(client.get_metric_history(runs["colorize"].info.run_id, "val_loss")) == 2
     assert {"colorizer.ckpt", "colorize_grid.png", "colorize_loss.csv"} <= {
         a.path for a in client.list_artifacts(runs["colorize"].info.run_id)}
+
+
+def test_colorize_stops_after_patience_epochs_without_a_lower_val_loss(workdir, smoke_overrides, monkeypatch):
+    monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(CIFAR, mirrors=()))
+    photos = write_photos(workdir / "photos", n=4)
+    cfg = compose_cfg(*smoke_overrides, *color_overrides([f"photos/{p.rsplit('/', 1)[1]}" for p in photos]),
+                      "colorize.max_epochs=6", "colorize.patience=1", "colorize.lr=0.05")
+    make_color_set.main(cfg)
+    metrics = colorize.main(cfg)
+
+    rows = list(csv.DictReader((workdir / "reports/plots/colorize_loss.csv").open()))
+    val = [float(r["val_loss"]) for r in rows]
+    stalled = [i for i in range(1, len(val)) if val[i] >= min(val[:i])]  # epochs that bring no new best
+    # Lightning's rule with patience 1: the fit ends at the first epoch that brings no new best
+    assert stalled and len(val) == metrics["epochs"] == stalled[0] + 1 < 6  # here it does stop early
+    assert metrics["best_val_loss"] == pytest.approx(min(val), abs=1e-6)

@@ -111,7 +111,8 @@ def test_denoiser_configs_validate_and_map_images_to_images(group):
 
 
 def test_denoise_stage_on_tiny_data(tiny_raw, smoke_overrides):
-    cfg = compose_cfg(*smoke_overrides, "denoise.max_epochs=2", "denoise.batch_size=32", "denoise.model.channels=[8,8]")
+    cfg = compose_cfg(*smoke_overrides, "denoise.max_epochs=2", "denoise.batch_size=32", "denoise.model.channels=[8,8]",
+                      "denoise.eval_images=20")
     metrics = denoise.main(cfg)
 
     for metric in ("psnr", "ssim"):
@@ -119,6 +120,8 @@ def test_denoise_stage_on_tiny_data(tiny_raw, smoke_overrides):
         assert all(math.isfinite(v) for v in metrics[metric].values())
     assert metrics["psnr_gain_vs_noisy"] == pytest.approx(metrics["psnr"]["model"] - metrics["psnr"]["noisy"])
     assert set(metrics["robustness"]) == {"zero_mask_0.3", "zero_mask_0.7"}  # the smoke profile's eval_levels
+    assert metrics["images"] > 20  # the headline on the whole test set, the levels on its first eval_images
+    assert all(r["images"] == 20 for r in metrics["robustness"].values())
     low, high = (metrics["robustness"][k]["psnr"]["noisy"] for k in ("zero_mask_0.3", "zero_mask_0.7"))
     assert low > high  # more noise, worse input
     assert set(metrics["filter_size"].values()) <= {3, 5} and metrics["epochs"] == 2

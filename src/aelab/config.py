@@ -230,6 +230,7 @@ class DenoiseCfg(_Section):
     level: float
     eval_noise: str
     eval_levels: list[float] = Field(min_length=1)
+    eval_images: PositiveInt | None
     filter_sizes: list[int] = Field(min_length=1)
     loss: Literal["mse", "l1"]
     lr: PositiveFloat
@@ -317,6 +318,7 @@ class ColorizeCfg(_Section):
     weight_decay: float = Field(ge=0)
     batch_size: PositiveInt
     max_epochs: PositiveInt
+    patience: PositiveInt | None = None
     val_fraction: float = Field(gt=0, lt=1)
     train_limit: PositiveInt | None = None
     out_dir: str

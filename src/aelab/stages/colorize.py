@@ -3,7 +3,8 @@
 Why Lab: see aelab.data.color; the output keeps the input's luminance exactly and the loss measures color only.
 Scored on the test images against the baseline "grayscale replicated to three channels" (L with ab = 0):
 PSNR and SSIM of the RGB image, mean absolute error of ab (Lab units), and the Hasler-Suesstrunk colorfulness
-of predicted, true and gray images. When make_color_set fell back to photograph patches the metrics say so
+of predicted, true and gray images. Training stops after ``colorize.patience`` epochs without a lower validation
+loss (the best epoch is kept). When make_color_set fell back to photograph patches the metrics say so
 (``fallback``: 1) and so do the MLflow tag ``color_source`` and the figure; the test photographs are then also
 scored one by one (``per_photo``, and the standard deviation of the gains over them, ``per_photo_std``).
 
@@ -22,6 +23,7 @@ import hydra
 import lightning as L
 import mlflow
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf
 
 from aelab.config import validate
@@ -80,7 +82,9 @@ def main(cfg: DictConfig) -> dict:
 
     with start_run(cfg, "colorize", manifest_path, dataset=c.data.dataset) as run:
         module, history, best_val = fit_best(module, data, trainer_cfg, lightning_logger(cfg, run),
-                                             root / c.out_dir / "colorizer.ckpt", resume=resume_folder(cfg, "colorize"))
+                                             root / c.out_dir / "colorizer.ckpt", resume=resume_folder(cfg, "colorize"),
+                                             callbacks=[EarlyStopping(monitor="val_loss", patience=c.patience)]
+                                             if c.patience else [])
         if not leave_process_group():
             return {}  # another DDP rank: its share of the fit is done; rank 0 writes the outputs
         mlflow.set_tag("color_source", source)
