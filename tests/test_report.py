@@ -4,12 +4,15 @@ empty sections)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from html import unescape
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
+from markupsafe import escape
 from PIL import Image
 
 from aelab.stages import report
@@ -110,12 +113,36 @@ def page_checks(page) -> tuple[list[dict], list[dict]]:
 
 
 def test_markdown_tables_and_text_become_html():
-    html = report.markdown_html("# Title\n\nIntro with `code` and **bold** <b>.\n\n"
-                                "| a | b | c |\n|---|---:|:---:|\n| x | 1 | y |\n")
-    assert html.startswith("<h4>Title</h4>\n")
-    assert "<p>Intro with <code>code</code> and <strong>bold</strong> &lt;b&gt;.</p>" in html
-    assert '<th>a</th><th class="num">b</th><th class="center">c</th>' in html
-    assert '<td>x</td><td class="num">1</td><td class="center">y</td>' in html
+    out = report.markdown_html("# Title\n\nIntro with `code` and **bold** <b>.\n\n## Sub\n\n- one `x`\n- two\n\n"
+                               "| a | b | c | d |\n|---|---:|:---:|:---|\n| x | 1 | y | **z** |\n")
+    assert out.startswith("<h4>Title</h4>\n")  # headings nest under the section's h2
+    assert "<h5>Sub</h5>" in out and "<h1>" not in out and "<h2>" not in out
+    assert "<p>Intro with <code>code</code> and <strong>bold</strong> &lt;b&gt;.</p>" in out
+    assert "<ul>\n<li>one <code>x</code></li>\n<li>two</li>\n</ul>" in out
+    # the separator row's alignment: the classes the page styles (as report.table's), left is the default
+    assert '<th>a</th>\n<th class="num">b</th>\n<th class="center">c</th>\n<th>d</th>' in out
+    assert '<td>x</td>\n<td class="num">1</td>\n<td class="center">y</td>\n<td><strong>z</strong></td>' in out
+    assert "style=" not in out and report.markdown_html("") == ""
+
+
+def test_html_in_markdown_is_escaped():
+    out = report.markdown_html('<script>alert(1)</script>\n\nsee <img src=x onerror="alert(1)">\n\n'
+                               "| a |\n|---|\n| <b>x</b> |\n\n[link](javascript:alert(1))\n")
+    assert "<script" not in out and "<img" not in out and "<b>" not in out and "href=" not in out
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in out and "<td>&lt;b&gt;x&lt;/b&gt;</td>" in out
+
+
+def test_page_escapes_what_it_is_given_and_has_every_section_and_the_overview(tmp_path, monkeypatch):
+    sections = [dataclasses.replace(s, intro=f"{s.intro} <b>&") for s in report.SECTIONS]
+    monkeypatch.setattr(report, "SECTIONS", sections)
+    page, statuses = report.build(compose_cfg(), root=tmp_path)
+    assert page.count("<b>&") == 0 and page.count(" &lt;b&gt;&amp;</p>") == len(sections)
+    assert statuses == {s.title: "ran" if not s.inputs else "not run" for s in sections}
+    assert '<table class="overview">' in page and page.count("<section ") == len(sections)
+    assert page.count('<tr class="not-run">') == len(sections) - 1
+    for s in sections:
+        assert f'<section id="{s.slug}" class="{statuses[s.title].replace(" ", "-")}">' in page
+        assert f'<td><a href="#{s.slug}">{escape(s.title)}</a></td>' in page
 
 
 def test_fixtures_cover_every_input_and_dvc_yaml_declares_the_pipelines():
@@ -138,7 +165,7 @@ def test_report_from_every_stage_has_every_section(workdir):
     assert set(statuses.values()) == {"ran"} and len(statuses) == len(report.SECTIONS)
     html = (workdir / report.OUT).read_text()
     for section in report.SECTIONS:
-        assert f"{section.title}" in html.replace("&#x27;", "'")
+        assert section.title in unescape(html)
     assert "Not run" not in html and 'class="missing"' not in html
     assert html.count("<img ") == sum(p.endswith((".png", ".csv")) for p in FIXTURES)  # figures + drawn curves
     assert 'src="data:image/png;base64,' in html and "http://" not in html and "https://" not in html

@@ -1,18 +1,19 @@
 """Stage report: one static, self-contained HTML page (``reports/index.html``) of what the pipeline wrote.
 
 The page is a list of :class:`Section` specs: a title, the DVC stage that makes the section's input files, the
-files, and a render function. A section whose files are all missing still appears, marked "not run", with the
-command that makes them (``dvc repro <stage>``); a single missing file of a section that ran is named in place.
-Images are embedded as base64 data URIs, curves in ``reports/plots/*.csv`` are drawn here with matplotlib and the
-``reports/*.md`` tables become HTML tables, so the file can be mailed or opened anywhere. Adding a stage to the
-report is one more entry in ``SECTIONS``.
+files, and a render function that makes the section's HTML. A section whose files are all missing still appears,
+marked "not run", with the command that makes them (``dvc repro <stage>``); a single missing file of a section that
+ran is named in place. Images are embedded as base64 data URIs, curves in ``reports/plots/*.csv`` are drawn here with
+matplotlib and the stages' ``reports/*.md`` are rendered by markdown-it-py (CommonMark and GitHub tables, raw HTML
+escaped), so the file can be mailed or opened anywhere. The page around the sections (overview, section headers,
+"not run" notes) is the Jinja2 template ``aelab/templates/report.html.j2``. Adding a stage to the report is one more
+entry in ``SECTIONS``.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 import logging
@@ -24,6 +25,9 @@ from pathlib import Path
 
 import hydra
 import mlflow
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
+from markupsafe import Markup, escape
 from omegaconf import DictConfig, OmegaConf
 
 from aelab.config import validate
@@ -42,7 +46,7 @@ OUT = "reports/index.html"
 # ---------------------------------------------------------------------------------------------------- HTML helpers
 
 def esc(value) -> str:
-    return html.escape(str(value))
+    return str(escape(value))
 
 
 def fmt(value) -> str:
@@ -68,40 +72,29 @@ def scalars(data: dict, keys: list[str] | None = None) -> str:
     return table(["metric", "value"], [[k, data[k]] for k in keys if k in data])
 
 
-def _inline(text: str) -> str:
-    text = esc(text)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+# The page's classes for the separator row's alignment (markdown-it writes style="text-align:..."); left is the default
+ALIGN_CLASS = {"text-align:right": "num", "text-align:center": "center"}
+
+
+def _page_tags(state: StateCore) -> None:
+    """markdown-it core rule: a heading goes three levels down (``#`` -> h4, under the section's h2) and a table
+    cell's alignment becomes the class the page's CSS styles, as in :func:`table`."""
+    for token in state.tokens:
+        if token.type in ("heading_open", "heading_close"):
+            token.tag = f"h{min(int(token.tag[1]) + 3, 6)}"
+        elif token.type in ("th_open", "td_open") and "style" in token.attrs:
+            align = ALIGN_CLASS.get(str(token.attrs.pop("style")))
+            if align:
+                token.attrs["class"] = align
+
+
+MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+MARKDOWN.core.ruler.push("report_page_tags", _page_tags)
 
 
 def markdown_html(text: str) -> str:
-    """The Markdown the stages write: GitHub tables, paragraphs, headings, bullet lists, inline code and bold."""
-    if not text.strip():
-        return ""
-    out = []
-    for block in re.split(r"\n\s*\n", text.strip()):
-        lines = block.strip().splitlines()
-        if len(lines) >= 2 and all(line.lstrip().startswith("|") for line in lines):
-            out.append(_markdown_table(lines))
-        elif lines[0].startswith("#"):
-            out.append(f"<h4>{_inline(lines[0].lstrip('#').strip())}</h4>" + markdown_html("\n".join(lines[1:])))
-        elif all(line.lstrip().startswith(("- ", "* ")) for line in lines):
-            out.append("<ul>" + "".join(f"<li>{_inline(line.lstrip()[2:])}</li>" for line in lines) + "</ul>")
-        else:
-            out.append(f"<p>{_inline(' '.join(lines))}</p>")
-    return "\n".join(block for block in out if block)
-
-
-def _markdown_table(lines: list[str]) -> str:
-    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
-    header, rule, rows = cells(lines[0]), cells(lines[1]), [cells(line) for line in lines[2:]]
-    if not all(re.fullmatch(r":?-+:?", c) for c in rule):  # no separator row: every line is a body row
-        rule, rows = ["---"] * len(header), [cells(line) for line in lines[1:]]
-    align = ['' if not c.endswith(":") else ' class="num"' if not c.startswith(":") else ' class="center"'
-             for c in rule] + [""] * len(header)
-    head = "".join(f"<th{a}>{_inline(h)}</th>" for h, a in zip(header, align))
-    body = "".join("<tr>" + "".join(f"<td{a}>{_inline(c)}</td>" for c, a in zip(row, align)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """The Markdown the stages write (CommonMark plus GitHub tables) as HTML; raw HTML in it is escaped."""
+    return MARKDOWN.render(text)
 
 
 def png_uri(data: bytes) -> str:
@@ -419,48 +412,42 @@ def input_paths(cfg: DictConfig, studies: bool = False) -> list[Path]:
             for p in s.inputs.values()]
 
 
-def render_section(section: Section, cfg: DictConfig, root: Path) -> tuple[str, str, str]:
-    """(status, headline, HTML) of one section: status is ``ran``, ``incomplete``, ``not run`` or ``error``."""
+@dataclass(frozen=True)
+class Rendered:
+    """One section as the page template shows it: ``status`` is ``ran``, ``incomplete``, ``not run`` (the template
+    lists ``paths``, the inputs) or ``error`` (``error`` says why); ``body`` is the render function's HTML."""
+
+    section: Section
+    status: str
+    paths: list[Path]
+    headline: str = ""
+    body: Markup = Markup()
+    error: str = ""
+
+
+def render_section(section: Section, cfg: DictConfig, root: Path) -> Rendered:
+    """One section's status, headline and body, from its input files under ``root``."""
     inp = Inputs(cfg, section.stage, {k: root / p.format(raw=raw_dir(cfg.data)) for k, p in section.inputs.items()})
+    paths = list(inp.paths.values())
     found = [name for name in section.inputs if inp.exists(name)]
     if section.inputs and not found:
-        status, headline = "not run", ""
-        body = (f'<p class="notrun">Not run: none of its inputs exist yet. '
-                f"<code>dvc repro {esc(section.stage)}</code> produces them:</p><ul>"
-                + "".join(f"<li><code>{esc(p)}</code></li>" for p in inp.paths.values()) + "</ul>")
-    else:
-        status = "ran" if len(found) == len(section.inputs) else "incomplete"
-        headline = section.headline(inp) if section.headline else ""
-        try:
-            body = section.render(inp)
-        except Exception as err:  # noqa: BLE001 - one unreadable file must not cost the whole report
-            log.exception("section %r failed to render", section.title)
-            status, body = "error", f'<p class="missing">could not render this section: {esc(repr(err))}</p>'
-    stage = f' <span class="stage">stage <code>{esc(section.stage)}</code></span>' if section.stage else ""
-    html_ = (f'<section id="{section.slug}" class="{status.replace(" ", "-")}"><h2>{esc(section.title)}{stage} '
-             f'<span class="status">{status}</span></h2><p class="intro">{esc(section.intro)}</p>{body}</section>')
-    return status, headline, html_
+        return Rendered(section, "not run", paths)
+    status = "ran" if len(found) == len(section.inputs) else "incomplete"
+    headline = section.headline(inp) if section.headline else ""
+    try:
+        return Rendered(section, status, paths, headline, Markup(section.render(inp)))
+    except Exception as err:  # noqa: BLE001 - one unreadable file must not cost the whole report
+        log.exception("section %r failed to render", section.title)
+        return Rendered(section, "error", paths, headline, error=repr(err))
 
 
 def build(cfg: DictConfig, root: Path = Path(".")) -> tuple[str, dict[str, str]]:
-    """The report page and each section's status."""
-    parts, overview, statuses = [], [], {}
-    for section in SECTIONS:
-        status, headline, part = render_section(section, cfg, root)
-        statuses[section.title] = status
-        overview.append(f'<tr class="{status.replace(" ", "-")}">'
-                        f'<td><a href="#{section.slug}">{esc(section.title)}</a></td>'
-                        f"<td><code>{esc(section.stage or '-')}</code></td><td>{status}</td>"
-                        f"<td>{esc(headline)}</td></tr>")
-        parts.append(part)
-    ran = sum(s != "not run" for s in statuses.values())
-    page = PAGE.substitute(
-        title=f"aelab report: {esc(cfg.data.name)}",
-        meta=(f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from commit <code>{esc(git_commit())}</code>"
-              f" on data set <strong>{esc(cfg.data.name)}</strong>, model <strong>{esc(cfg.model.name)}</strong>; "
-              f"{ran} of {len(SECTIONS)} sections have results."),
-        overview="".join(overview), sections="\n".join(parts))
-    return page, statuses
+    """The report page (the template around every section) and each section's status."""
+    sections = [render_section(section, cfg, root) for section in SECTIONS]
+    page = PAGE.render(data=cfg.data.name, model=cfg.model.name, commit=git_commit(),
+                       generated=datetime.now(timezone.utc), ran=sum(s.status != "not run" for s in sections),
+                       sections=sections)
+    return page, {s.section.title: s.status for s in sections}
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
