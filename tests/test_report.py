@@ -151,7 +151,8 @@ def test_fixtures_cover_every_input_and_dvc_yaml_declares_the_pipelines():
     inputs = {str(p) for p in report.input_paths(cfg)}
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
     deps = {d.replace("${data.name}", cfg.data.name) for d in stage["deps"]}
-    assert inputs | {"src/aelab/stages/report.py", "src/aelab/stages/report_template.py"} <= deps
+    assert inputs | {"src/aelab/stages/report.py", "src/aelab/stages/report_template.py",
+                     "src/aelab/templates/report.html.j2"} <= deps
     # a study's outputs are shown, never deps: a dep would pull the study into `dvc repro`
     studies = yaml.safe_load((REPO / "studies/dvc.yaml").read_text())["stages"]
     assert {s.stage for s in report.SECTIONS if s.study} == {f"studies/dvc.yaml:{name}" for name in studies}
