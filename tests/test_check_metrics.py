@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
 
 from aelab import check_metrics
-from aelab.check_metrics import compare, flat_metrics, read_revision
+from aelab.check_metrics import compare, flat_metrics, per_stage, read_revision
 from aelab.spread import markdown, merge_into, summarize
 
 
@@ -28,6 +29,12 @@ def test_a_change_passes_within_its_seed_spread_and_fails_beyond_it():
     rows = {r["metric"]: r for r in compare({"a": 0.8, "c": 1.001, "new": 2.0}, base, spread)}
     assert not rows["c"]["ok"] and "no measured spread" in rows["c"]["why"]
     assert (rows["b"]["why"], rows["new"]["why"]) == ("only in the baseline", "new metric")
+
+
+def test_per_stage_counts_what_moved_beyond_tolerance():
+    rows = compare({"segment.miou": 0.6, "segment.g": 0.96, "pretrain.mse": 0.01}, {"segment.miou": 0.75,
+                   "segment.g": 0.96, "pretrain.mse": 0.01}, {"segment.miou": 0.015})
+    assert per_stage(rows) == {"pretrain": (0, 1), "segment": (1, 2)}
 
 
 def test_spread_summary_and_table():
@@ -71,4 +78,5 @@ def test_the_cli_checks_the_workspace_against_the_committed_metrics(tmp_path, mo
     (tmp_path / "reports/spread.json").write_text(json.dumps(
         {"seeds": [1, 2], "metrics": {"pretrain.test_mse": {"mean": 0.012, "std": 0.0001, "n": 2}}}))
     assert check_metrics.main([]) == 0  # within 3 x the seed spread
-    assert "1 with a seed spread" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 with a seed spread" in out and re.search(r"pretrain +0 of +1 beyond tolerance", out)

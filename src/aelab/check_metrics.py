@@ -5,7 +5,9 @@ of the baseline: the committed ones (``--rev HEAD``, the default) or a folder (`
 move by ``--sigmas`` (3) times its seed spread, the standard deviation over seeds that ``python -m aelab.spread``
 measured (``--spread``, default ``reports/spread.json``), and at least by ``--rtol`` of its value (float noise
 between machines). Metrics without a measured spread must agree to ``--rtol``. Wall times (keys with ``seconds``)
-are ignored. Exit status 1 names every metric beyond its tolerance, and every metric that appeared or vanished.
+are ignored. It prints, per stage, how many of its numbers moved beyond tolerance (on another machine, which stages
+moved is the first thing to know); exit status 1 names every metric beyond its tolerance, and every metric that
+appeared or vanished.
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ def compare(current: dict[str, float], baseline: dict[str, float], spread: dict[
     return rows
 
 
+def per_stage(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """{stage: (metrics beyond tolerance, metrics compared)} from ``compare``'s rows (a metric's stage is its first
+    key)."""
+    counts: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        stage = r["metric"].split(".", 1)[0]
+        beyond, total = counts.get(stage, (0, 0))
+        counts[stage] = (beyond + (not r["ok"]), total + 1)
+    return counts
+
+
 def load_spread(path: Path | str) -> dict[str, float]:
     """The per-metric standard deviations over seeds from ``python -m aelab.spread`` (empty when there is none)."""
     path = Path(path)
@@ -87,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     where = args.baseline or f"git {args.rev}"
     print(f"{len(rows)} metrics against {where}; {len(spread)} with a seed spread ({args.spread}); "
           f"{len(failed)} beyond tolerance")
+    for stage, (beyond, total) in per_stage(rows).items():
+        print(f"  {stage:<18} {beyond:>4} of {total:>4} beyond tolerance")
     for r in failed:
         print(f"  {r['metric']}: {r['baseline']} -> {r['current']}: {r['why']}")
     return 1 if failed else 0
