@@ -155,3 +155,15 @@ def test_bad_denoise_config_fails_before_any_work(tiny_raw, smoke_overrides, ove
     with pytest.raises(ConfigError, match=key):
         denoise.main(compose_cfg(*smoke_overrides, override))
     assert not (tiny_raw / "models").exists() and not (tiny_raw / "mlflow.db").exists()
+
+
+def test_denoise_scores_the_headline_setting_once_when_the_sweep_covers_the_whole_test_set(tiny_raw, smoke_overrides,
+                                                                                          monkeypatch):
+    calls = []
+    evaluate = denoise.evaluate
+    monkeypatch.setattr(denoise, "evaluate", lambda *a, **k: calls.append(a[2:4]) or evaluate(*a, **k))
+    cfg = compose_cfg(*smoke_overrides, "denoise.max_epochs=1", "denoise.batch_size=32", "denoise.model.channels=[8,8]",
+                      "denoise.eval_levels=[0.5,0.7]", "denoise.eval_images=null")
+    metrics = denoise.main(cfg)
+    assert calls == [("zero_mask", 0.5), ("zero_mask", 0.7)]  # the headline (zero_mask 0.5) is not scored again
+    assert metrics["robustness"]["zero_mask_0.5"]["psnr"] == metrics["psnr"]
