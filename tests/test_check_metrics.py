@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from aelab import check_metrics
-from aelab.check_metrics import compare, flat_metrics, per_stage, read_revision
-from aelab.spread import markdown, merge_into, summarize
+from aelab.check_metrics import compare, flat_metrics, per_stage, read_revision, rounding_floor
+from aelab.spread import machines, markdown, merge_into, pipeline_stages, summarize
 
 
 def test_flat_metrics_keeps_numbers_and_drops_wall_times_flags_and_text():
@@ -45,17 +46,38 @@ def test_spread_summary_and_table():
     assert table[2] == "| metric | mean ± std | seed 42 | seed 43 |" and table[4] == "| a | 2 ± 1.4 | 1 | 3 |"
 
 
-def test_a_stage_spread_replaces_only_that_stages_metrics(tmp_path):
+def test_a_stage_spread_replaces_only_that_stages_metrics_and_machine(tmp_path):
     path = tmp_path / "spread.json"
     old = {"colorize.psnr.model": {"mean": 20.7, "std": 5.1}, "colorize.gone": {"mean": 1, "std": 0},
            "denoise.psnr.model": {"mean": 21.06, "std": 0.06}}
-    path.write_text(json.dumps({"seeds": [42, 43], "overrides": [], "metrics": old}))
+    path.write_text(json.dumps({"seeds": [42, 43], "overrides": [], "metrics": old,
+                                "machines": {"colorize": "old box", "denoise": "old box"}}))
     new = {"colorize.psnr.model": {"mean": 18.0, "std": 0.2}, "colorize.per_photo.coffee.psnr.model": {"mean": 19.0}}
-    merged = merge_into(path, new, [42, 43], [], ["colorize"])
-    assert merged == {**new, "denoise.psnr.model": old["denoise.psnr.model"]}
-    assert list(merged) == sorted(merged)
+    merged = merge_into(path, {"seeds": [42, 43], "overrides": [], "metrics": new,
+                               "machines": {"colorize": "new box"}}, ["colorize"])
+    assert merged["metrics"] == {**new, "denoise.psnr.model": old["denoise.psnr.model"]}
+    assert list(merged["metrics"]) == sorted(merged["metrics"])
+    assert merged["machines"] == {"colorize": "new box", "denoise": "old box"}
     with pytest.raises(ValueError, match=r"seeds \[42, 43\] .* not \[42, 43, 44\] .* without --stages"):
-        merge_into(path, new, [42, 43, 44], [], ["colorize"])
+        merge_into(path, {"seeds": [42, 43, 44], "overrides": [], "metrics": new, "machines": {}}, ["colorize"])
+
+
+def test_the_spread_records_each_stages_machine_from_its_metrics_provenance():
+    runs = {42: {"segment": {"miou": 0.6, "provenance": {"machine": "box A"}}, "old": {"x": 1}},
+            43: {"segment": {"miou": 0.7, "provenance": {"machine": "box B"}}, "old": {"x": 1}}}
+    assert machines(runs) == {"segment": "box A / box B"}
+
+
+def test_a_whole_pipeline_spread_summarizes_the_pipelines_stages_not_the_studies():
+    stages = pipeline_stages(Path(__file__).resolve().parents[1] / "dvc.yaml")
+    assert {"pretrain", "segment", "report"} <= set(stages) and not {"codes", "finetune"} & set(stages)
+
+
+def test_check_metrics_allows_colorize_its_rounding_floor():
+    assert rounding_floor("colorize.per_photo.coffee.psnr.model") == 1.0
+    assert rounding_floor("colorize.ssim_gain_vs_gray") == 0.04 and rounding_floor("denoise.psnr.model") == 0.0
+    rows = compare({"colorize.psnr.model": 21.6}, {"colorize.psnr.model": 20.9}, {"colorize.psnr.model": 0.1})
+    assert rows[0]["ok"]  # 0.7 dB: seven seed stds, within the 1 dB floor
 
 
 def git(*args, cwd):

@@ -63,7 +63,8 @@ def test_dvc_repro_smoke_then_only_changed_stages_rerun(repo):
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], path, env))
     values = next(iter(metrics.values()))["data"]
     assert 0 < values["reports/metrics/features.json"]["data"]["ae_test_mse"] < 1
-    assert set(values["reports/metrics/downstream.json"]["data"]) == {"raw", "pca", "ae"}
+    downstream = values["reports/metrics/downstream.json"]["data"]
+    assert set(downstream) == {"raw", "pca", "ae", "provenance"} and downstream["provenance"]["date"]
     manifest = json.loads((path / "data/raw/fashion_mnist/manifest.json").read_text())
     assert manifest["files"]["train-images-idx3-ubyte.gz"]["source"] == str(FASHION / "train-images-idx3-ubyte.gz")
     assert "up to date" in run(["dvc", "status", "dvc.yaml"], path, env)  # the pipeline (studies/ run apart)

@@ -15,6 +15,7 @@ import yaml
 from markupsafe import escape
 from PIL import Image
 
+from aelab import results
 from aelab.stages import report
 from conftest import compose_cfg
 from test_mlflow_ui import artifact_path, browser  # noqa: F401  (the shared headless Chromium fixture)
@@ -139,7 +140,7 @@ def test_page_escapes_what_it_is_given_and_has_every_section_and_the_overview(tm
     assert page.count("<b>&") == 0 and page.count(" &lt;b&gt;&amp;</p>") == len(sections)
     assert statuses == {s.title: "ran" if not s.inputs else "not run" for s in sections}
     assert '<table class="overview">' in page and page.count("<section ") == len(sections)
-    assert page.count('<tr class="not-run">') == len(sections) - 1
+    assert page.count('<tr class="not-run">') == sum(bool(s.inputs) for s in sections)
     for s in sections:
         assert f'<section id="{s.slug}" class="{statuses[s.title].replace(" ", "-")}">' in page
         assert f'<td><a href="#{s.slug}">{escape(s.title)}</a></td>' in page
@@ -157,7 +158,8 @@ def test_fixtures_cover_every_input_and_dvc_yaml_declares_the_pipelines():
     studies = yaml.safe_load((REPO / "studies/dvc.yaml").read_text())["stages"]
     assert {s.stage for s in report.SECTIONS if s.study} == {f"studies/dvc.yaml:{name}" for name in studies}
     assert not deps & (set(FIXTURES) - inputs)
-    assert stage["outs"] == [{report.OUT: {"cache": False}}]
+    assert stage["outs"] == [{report.OUT: {"cache": False}}, {str(results.OUT): {"cache": False}}]
+    assert {"reports/spread.json", "src/aelab/results.py", "src/aelab/check_metrics.py"} <= deps
 
 
 def test_report_from_every_stage_has_every_section(workdir):
@@ -201,8 +203,10 @@ def test_a_section_that_cannot_be_read_shows_the_error_and_the_rest_still_builds
 
 def test_report_without_any_output_still_builds(workdir):
     statuses = report.main(compose_cfg())
-    assert statuses.pop("Configuration") == "ran"
+    assert statuses.pop("Configuration") == statuses.pop("All results with their seed spread") == "ran"
     assert set(statuses.values()) == {"not run"}
+    assert "No numbers yet: `reports/metrics/features.json`, `reports/metrics/downstream.json` missing." in \
+        (workdir / results.OUT).read_text()
 
 
 @pytest.mark.parametrize("skip", [(), ("reports/metrics/anomaly.json", "reports/anomaly.md",

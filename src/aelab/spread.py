@@ -5,11 +5,14 @@ in a temporary copy (``dvc exp run --temp -n spread-seed-<seed> -S seed=<seed>``
 ``-S profile=smoke``; the workspace is left as it is, and DVC's cache skips what a seed does not change), reads
 each experiment's committed ``reports/metrics/*.json`` from its git ref, and writes the mean, standard deviation
 and values of every metric to ``reports/spread.json`` and ``reports/spread.md`` and to an MLflow run (stage
-``spread``). ``python -m aelab.check_metrics`` takes its tolerances from that file.
+``spread``), with the machine each stage's runs were made on (``machines``, from the metrics' provenance).
+``python -m aelab.check_metrics`` takes its tolerances from that file.
 
 ``--stages colorize ...`` reruns only those stages (and what they need) per seed, and replaces only their metrics
 (``reports/metrics/<stage>.json``) in the existing spread file: for a change that moves one stage's numbers. A study
-outside the default pipeline is named with its file, ``--stages studies/dvc.yaml:codes``.
+outside the default pipeline is named with its file, ``--stages studies/dvc.yaml:codes``. A whole-pipeline spread
+keeps the studies' entries of an existing spread file of the same seeds and overrides (their committed metrics do not
+change with the pipeline's seed, so they are never summarized from its experiments).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import yaml
 from omegaconf import OmegaConf
 
 from aelab.check_metrics import METRICS_DIR, flat_metrics, read_revision
@@ -61,9 +65,9 @@ def experiment_ref(name: str) -> str:
     return matches[0]
 
 
-def run_seed(seed: int, overrides: list[str], stages: list[str] | None = None) -> dict[str, float]:
-    """The pipeline (or ``stages``) for ``seed`` as a DVC experiment in a temporary copy; its metrics (those of
-    ``stages``), flattened."""
+def run_seed(seed: int, overrides: list[str], stages: list[str] | None = None) -> dict[str, dict]:
+    """The pipeline (or ``stages``) for ``seed`` as a DVC experiment in a temporary copy; its metrics files (those
+    of ``stages``) by stage."""
     name = f"{PREFIX}{seed}"
     subprocess.run(["dvc", "exp", "remove", name], capture_output=True)  # a previous spread's experiment
     cmd = ["dvc", "exp", "run", "--temp", "-n", name, "-S", f"seed={seed}"]
@@ -73,8 +77,23 @@ def run_seed(seed: int, overrides: list[str], stages: list[str] | None = None) -
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     files = read_revision(experiment_ref(name), METRICS_DIR)
-    names = stage_names(stages or [])
-    return flat_metrics({stage: m for stage, m in files.items() if not stages or stage in names})
+    names = stage_names(stages) if stages else pipeline_stages()
+    return {stage: m for stage, m in files.items() if stage in names}
+
+
+def pipeline_stages(dvc_yaml: Path | str = "dvc.yaml") -> list[str]:
+    """The stages of the default pipeline (``dvc repro`` without targets runs them; not the studies)."""
+    return list(yaml.safe_load(Path(dvc_yaml).read_text())["stages"])
+
+
+def machines(runs: dict[int, dict[str, dict]]) -> dict[str, str]:
+    """Per stage, the machine its metrics files were made on (their provenance; " / " between several)."""
+    found: dict[str, set[str]] = {}
+    for files in runs.values():
+        for stage, m in files.items():
+            if "machine" in m.get("provenance", {}):
+                found.setdefault(stage, set()).add(m["provenance"]["machine"])
+    return {stage: " / ".join(sorted(names)) for stage, names in sorted(found.items())}
 
 
 def stage_names(targets: list[str]) -> list[str]:
@@ -82,15 +101,17 @@ def stage_names(targets: list[str]) -> list[str]:
     return [target.rsplit(":", 1)[-1] for target in targets]
 
 
-def merge_into(path: Path, spread: dict[str, dict], seeds: list[int], overrides: list[str],
-               stages: list[str]) -> dict[str, dict]:
-    """The spread file at ``path`` with the metrics of ``stages`` replaced by ``spread``'s."""
+def merge_into(path: Path, new: dict, stages: list[str]) -> dict:
+    """The spread file at ``path`` with the metrics and machines of ``stages`` replaced by those of ``new`` (a
+    spread file's content)."""
     old = json.loads(path.read_text())
-    if old["seeds"] != seeds or old["overrides"] != overrides:
-        raise ValueError(f"{path} has seeds {old['seeds']} and overrides {old['overrides']}, not {seeds} and "
-                         f"{overrides}: rerun the whole spread, without --stages")
+    if old["seeds"] != new["seeds"] or old["overrides"] != new["overrides"]:
+        raise ValueError(f"{path} has seeds {old['seeds']} and overrides {old['overrides']}, not {new['seeds']} and "
+                         f"{new['overrides']}: rerun the whole spread, without --stages")
     kept = {k: v for k, v in old["metrics"].items() if k.split(".", 1)[0] not in stages}
-    return dict(sorted({**kept, **spread}.items()))
+    kept_machines = {k: v for k, v in old.get("machines", {}).items() if k not in stages}
+    return {**new, "metrics": dict(sorted({**kept, **new["metrics"]}.items())),
+            "machines": dict(sorted({**kept_machines, **new["machines"]}.items()))}
 
 
 def log_to_mlflow(spread: dict[str, dict], table: Path, seeds: list[int], overrides: list[str]) -> None:
@@ -113,10 +134,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if len(args.seeds) < 2:
         parser.error("--seeds: a spread needs at least two seeds")
     runs = {seed: run_seed(seed, args.overrides, args.stages) for seed in args.seeds}
-    spread = summarize(runs)
-    if args.stages:
-        spread = merge_into(args.out / "spread.json", spread, args.seeds, args.overrides, stage_names(args.stages))
-    write_json(args.out / "spread.json", {"seeds": args.seeds, "overrides": args.overrides, "metrics": spread})
+    result = {"seeds": args.seeds, "overrides": args.overrides,
+              "metrics": summarize({seed: flat_metrics(files) for seed, files in runs.items()}),
+              "machines": machines(runs)}
+    replaced = stage_names(args.stages) if args.stages else pipeline_stages()
+    existing = args.out / "spread.json"
+    old = json.loads(existing.read_text()) if existing.exists() else {}
+    if args.stages or (old.get("seeds"), old.get("overrides")) == (args.seeds, args.overrides):
+        result = merge_into(existing, result, replaced)
+    spread = result["metrics"]
+    write_json(args.out / "spread.json", result)
     table = args.out / "spread.md"
     with atomic_path(table) as tmp:
         tmp.write_text(markdown(spread, args.seeds, args.overrides))

@@ -11,6 +11,7 @@ import subprocess
 import time
 import warnings
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,6 +114,34 @@ def cpu_model() -> str:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                 platform.processor() or "unknown")
+
+
+def machine() -> str:
+    """What the numbers were computed on, in one line: the CPU (model name, family/model numbers, core count, bf16
+    or not, as the
+    trainer decides its CPU precision) and the GPU, if PyTorch sees one. Metrics agree digit for digit only on one."""
+    import torch
+
+    from aelab.lit.trainer import cpu_computes_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
+    bf16 = "bf16" if cpu_computes_bf16() else "no bf16"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu_model()}{family}, {os.cpu_count()} CPUs, {bf16}; {gpu}"
+
+
+def provenance() -> dict[str, str]:
+    """Where and when a stage's metrics were made: :func:`machine`, torch's version, the commit and the UTC date.
+    The stages add it to their metrics files (``"provenance"``, text, so ``check_metrics`` ignores it)."""
+    import torch
+
+    return {"machine": machine(), "torch": torch.__version__, "commit": git_commit(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
 
 # The distributions that install an import name, where it is not the name itself (xgboost-cpu installs xgboost);

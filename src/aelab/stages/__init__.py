@@ -4,12 +4,15 @@ Under ``dvc repro`` the stages read the composed ``params.yaml`` (see dvc.yaml);
 ``conf/`` directly, so config groups can be swept: ``python -m aelab.stages.pretrain -m model=simple,deep,conv``.
 
 A stage's ``main`` is wrapped in :func:`publishes_outputs`: it writes under ``output_root()``, a staging folder,
-and its outputs are moved into place together when it returns; a stage that fails publishes none of them.
+and its outputs are moved into place together when it returns; a stage that fails publishes none of them. Each
+metrics file it wrote (``reports/metrics/*.json``) gains a ``"provenance"`` entry first: machine, torch, commit,
+date (:func:`aelab.tracking.provenance`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from aelab.interrupts import process_alive
+from aelab.paths import write_json
+from aelab.tracking import provenance
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 STAGING_PREFIX = ".aelab-staging-"
@@ -53,6 +58,7 @@ def publishes_outputs(main):
         try:
             with staged_in(staging):
                 result = main(cfg)
+            stamp_metrics(staging)
             publish(staging, final)
             return result
         finally:
@@ -69,6 +75,17 @@ def staged_in(staging: Path):
         yield
     finally:
         _staging.reset(token)
+
+
+METRICS_GLOB = "reports/metrics/*.json"
+
+
+def stamp_metrics(staging: Path) -> None:
+    """Add where and when they were made (``"provenance"``) to the metrics files under ``staging``."""
+    files = sorted(staging.glob(METRICS_GLOB))
+    stamp = provenance() if files else {}
+    for path in files:
+        write_json(path, {**json.loads(path.read_text()), "provenance": stamp})
 
 
 def publish(staging: Path, final: Path) -> None:

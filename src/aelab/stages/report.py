@@ -7,7 +7,8 @@ ran is named in place. Images are embedded as base64 data URIs, curves in ``repo
 matplotlib and the stages' ``reports/*.md`` are rendered by markdown-it-py (CommonMark and GitHub tables, raw HTML
 escaped), so the file can be mailed or opened anywhere. The page around the sections (overview, section headers,
 "not run" notes) is the Jinja2 template ``aelab/templates/report.html.j2``. Adding a stage to the report is one more
-entry in ``SECTIONS``.
+entry in ``SECTIONS``. The stage also writes ``reports/results.md`` and the README's headline block
+(:mod:`aelab.results`), whose section closes the page.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from markdown_it.rules_core import StateCore
 from markupsafe import Markup, escape
 from omegaconf import DictConfig, OmegaConf
 
+from aelab import results
 from aelab.config import validate
 from aelab.data.images import raw_dir
 from aelab.figures import plt
@@ -109,11 +111,13 @@ def figure(src: str, caption: str) -> str:
 
 @dataclass
 class Inputs:
-    """One section's input files by name; each reader returns a "missing" note instead of failing."""
+    """One section's input files by name (under ``root``); each reader returns a "missing" note instead of
+    failing."""
 
     cfg: DictConfig
     stage: str
     paths: dict[str, Path]
+    root: Path = Path(".")
 
     def exists(self, name: str) -> bool:
         return self.paths[name].is_file()
@@ -307,6 +311,10 @@ def _anomaly(inp: Inputs) -> str:
     return inp.markdown("table") + inp.image("roc", "test ROC curves per class: AE, PCA and Isolation Forest scores")
 
 
+def _results(inp: Inputs) -> str:
+    return markdown_html(results.document(results.load(inp.root, inp.cfg.seed), title=False))
+
+
 def _config(inp: Inputs) -> str:
     yaml = OmegaConf.to_yaml(inp.cfg, resolve=True)
     return (f"<p>Git commit <code>{esc(git_commit())}</code> (<code>-dirty</code>: tracked files had changes). "
@@ -401,6 +409,9 @@ SECTIONS: list[Section] = [
             "Reconstruction error as an anomaly score, against PCA reconstruction error and an Isolation Forest.",
             metric_line("mean ROC-AUC: AE {m[mean][ae][roc_auc]:.3f}, PCA {m[mean][pca][roc_auc]:.3f}, "
                         "Isolation Forest {m[mean][iforest][roc_auc]:.3f}")),
+    Section("All results with their seed spread", "", {}, _results,
+            "Every stage's and study's numbers, mean ± std over seeds, with the comparisons the spread supports "
+            "(also reports/results.md). python -m aelab.spread measures the spread."),
     Section("Configuration", "", {}, _config, "What produced these results."),
 ]
 
@@ -427,7 +438,8 @@ class Rendered:
 
 def render_section(section: Section, cfg: DictConfig, root: Path) -> Rendered:
     """One section's status, headline and body, from its input files under ``root``."""
-    inp = Inputs(cfg, section.stage, {k: root / p.format(raw=raw_dir(cfg.data)) for k, p in section.inputs.items()})
+    inp = Inputs(cfg, section.stage, {k: root / p.format(raw=raw_dir(cfg.data)) for k, p in section.inputs.items()},
+                 root)
     paths = list(inp.paths.values())
     found = [name for name in section.inputs if inp.exists(name)]
     if section.inputs and not found:
@@ -458,6 +470,7 @@ def main(cfg: DictConfig) -> dict[str, str]:
     page, statuses = build(cfg)
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
+    results.write(results.load(seed=cfg.seed), output_root(), results.README)
     manifest = raw_dir(cfg.data) / "manifest.json"
     with start_run(cfg, "report", manifest if manifest.is_file() else None):
         mlflow.log_artifact(str(out))
