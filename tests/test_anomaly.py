@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import mlflow
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from aelab.config import ConfigError, anomaly_classes, validate
 from aelab.stages import anomaly
-from conftest import compose_cfg
+from conftest import compose_cfg, read_metrics
 
 METRICS = {"roc_auc", "pr_auc"}
 
@@ -81,7 +80,7 @@ def test_anomaly_stage_on_tiny_data(tiny_raw, smoke_overrides):
     metrics = anomaly.main(cfg)
 
     names = ["T-shirt/top", "Trouser"]
-    assert json.loads((tiny_raw / "reports/metrics/anomaly.json").read_text()) == metrics
+    assert read_metrics(tiny_raw / "reports/metrics/anomaly.json") == metrics
     assert metrics["protocol"] == "one_out" and metrics["classes"] == names and metrics["epochs"] == 1
     assert set(metrics) == {"protocol", "classes", "per_class", "mean", "train_seconds", "epochs"}
     assert list(metrics["per_class"]) == names

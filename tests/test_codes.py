@@ -99,7 +99,7 @@ def test_codes_study_end_to_end(tiny_raw, smoke_overrides):
         assert 0 <= row["xgb_accuracy"] <= 1 and 0 <= row["probe_accuracy"] <= 1
     assert all(r["test_mse"] > 0 for r in rows[:4]) and "test_mse" not in rows[4]
     metrics = json.loads((tiny_raw / "reports/metrics/codes.json").read_text())
-    assert set(metrics) == {"deep", "noisy", "conv", "pca_6", "raw"}
+    assert set(metrics) == {"deep", "noisy", "conv", "pca_6", "raw", "provenance"}
     assert metrics["deep"]["xgb_accuracy"] == rows[0]["xgb_accuracy"]  # flat keys codes.deep.xgb_accuracy in the spread
     table = (tiny_raw / "reports/codes.md").read_text()
     assert table.startswith("| features | n_features | test_mse |") and "| raw | 784 | — |" in table

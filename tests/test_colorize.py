@@ -29,7 +29,7 @@ from aelab.data.download import DownloadError, download_dataset
 from aelab.lit.image2image import ImageToImageModule
 from aelab.metrics import colorfulness
 from aelab.stages import colorize, make_color_set
-from conftest import compose_cfg
+from conftest import compose_cfg, read_metrics
 
 CIFAR = DATASETS["cifar10"]
 FAST = dict(retries=2, backoff=0.01, timeout=5.0, progress=False)
@@ -270,7 +270,7 @@ def test_color_stages_on_the_fallback(workdir, smoke_overrides, monkeypatch):
     assert metrics["per_photo_std"]["psnr_gain_vs_gray"] == pytest.approx(float(np.std(gains, ddof=1)))
     assert metrics["psnr_gain_vs_gray"] == pytest.approx(metrics["psnr"]["model"] - metrics["psnr"]["gray"])
     assert set(metrics["colorfulness"]) == {"model", "gray", "true"}
-    assert json.loads((workdir / "reports/metrics/colorize.json").read_text()) == metrics
+    assert read_metrics(workdir / "reports/metrics/colorize.json") == metrics
     assert (workdir / "reports/figures/colorize_grid.png").stat().st_size > 1000
     assert [p.name for p in (workdir / "models/colorize").iterdir()] == ["colorizer.ckpt"]
 

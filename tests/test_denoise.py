@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ from aelab.lit.trainer import resolve_precision
 from aelab.metrics import ImageQuality
 from aelab.models.denoise import DenoisingAutoencoder
 from aelab.stages import denoise
-from conftest import compose_cfg
+from conftest import compose_cfg, read_metrics
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -125,7 +124,7 @@ def test_denoise_stage_on_tiny_data(tiny_raw, smoke_overrides):
     low, high = (metrics["robustness"][k]["psnr"]["noisy"] for k in ("zero_mask_0.3", "zero_mask_0.7"))
     assert low > high  # more noise, worse input
     assert set(metrics["filter_size"].values()) <= {3, 5} and metrics["epochs"] == 2
-    assert json.loads((tiny_raw / "reports/metrics/denoise.json").read_text()) == metrics
+    assert read_metrics(tiny_raw / "reports/metrics/denoise.json") == metrics
     rows = (tiny_raw / "reports/plots/denoise_robustness.csv").read_text().splitlines()
     assert rows[0].startswith("level,psnr_model,psnr_noisy,psnr_median,psnr_gaussian,ssim_model") and len(rows) == 3
     history = (tiny_raw / "reports/plots/denoise_loss.csv").read_text()

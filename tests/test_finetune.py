@@ -100,7 +100,7 @@ def test_finetune_study_end_to_end(tiny_raw, smoke_overrides):
         for row in by_init.values():
             assert 0 <= row["test_accuracy"] <= 1 and row["test_error"] == pytest.approx(1 - row["test_accuracy"])
     metrics = json.loads((tiny_raw / "reports/metrics/finetune.json").read_text())
-    assert set(metrics) == {"20", "100"} and metrics["100"]["frozen"]["epochs"] >= 1
+    assert set(metrics) == {"20", "100", "provenance"} and metrics["100"]["frozen"]["epochs"] >= 1
     csv = (tiny_raw / "reports/plots/finetune_accuracy.csv").read_text().splitlines()
     assert csv[0] == "labels,log10_labels,default,he,pretrained,frozen" and len(csv) == 3
     assert (tiny_raw / "reports/figures/finetune_accuracy.png").stat().st_size > 1000

@@ -3,7 +3,6 @@ against the sequential reference, and the real stages."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import mlflow
@@ -17,7 +16,7 @@ from aelab.search import (CPU_CHUNK, chunk_size, ensemble_training_losses, log_g
                           short_training_loss, vectorizes)
 from aelab.stages import lr_search, momentum_search
 from aelab.stages.momentum_search import with_momentum
-from conftest import compose_cfg, make_tiny_images
+from conftest import compose_cfg, make_tiny_images, read_metrics
 
 ADAM = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "weight_decay": 0.0}
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
@@ -173,7 +172,7 @@ def test_search_stages_on_tiny_data(tiny_raw, smoke_overrides):
     assert lr["vectorized"] is momentum["vectorized"] is True and lr["device"] == momentum["device"] == "cpu"
     assert momentum["lr"] == lr["best_lr"] and momentum["n_batches"] == 4  # one epoch of 64 images
     assert 0.9 <= momentum["best_momentum"] <= 0.999
-    assert json.loads((tiny_raw / "reports/metrics/momentum_search.json").read_text()) == momentum
+    assert read_metrics(tiny_raw / "reports/metrics/momentum_search.json") == momentum
     history = mlflow.MlflowClient().get_metric_history(
         mlflow.search_runs(experiment_names=["aelab"], filter_string="tags.stage = 'lr_search'",
                            output_format="list")[0].info.run_id, "val_loss")

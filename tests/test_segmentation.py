@@ -22,7 +22,7 @@ from aelab.lit.segmentation import SegmentationModule, segmentation_metrics, sum
 from aelab.models.segnet import SegNet
 from aelab.paths import MissingUpstreamError
 from aelab.stages import make_segmentation_set, segment
-from conftest import compose_cfg
+from conftest import compose_cfg, read_metrics
 
 TINY_SEGNET = ["segment.model.channels=[8,8]", "segment.model.convs=[1,1]"]
 TINY_SET = ["segment.generate.n_train=20", "segment.generate.n_val=6", "segment.generate.n_test=10"]
@@ -280,7 +280,7 @@ def test_class_index_outside_the_configured_classes_names_the_mask(tmp_path):
 def _check_outputs(root, metrics, classes):
     assert 0 <= metrics["test_miou"] <= 1 and 0 <= metrics["test_global_acc"] <= 1
     assert list(metrics["test_iou"]) == classes
-    assert json.loads((root / "reports/metrics/segment.json").read_text()) == metrics
+    assert read_metrics(root / "reports/metrics/segment.json") == metrics
     assert (root / "models/segment/segmenter.ckpt").is_file()
     assert list((root / "models/segment").iterdir()) == [root / "models/segment/segmenter.ckpt"]
     history = (root / "reports/plots/segment_history.csv").read_text().splitlines()

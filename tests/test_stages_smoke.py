@@ -13,7 +13,7 @@ from aelab.config import ConfigError
 from aelab.lit.autoencoder import AutoencoderModule
 from aelab.paths import MissingUpstreamError
 from aelab.stages import downstream, features, pretrain
-from conftest import compose_cfg
+from conftest import compose_cfg, read_metrics
 
 
 @pytest.mark.parametrize("model", ["simple", "deep", "conv"])
@@ -43,7 +43,7 @@ def test_spine_runs_end_to_end_on_tiny_data(tiny_raw, smoke_overrides, model):
     for name, m in results.items():
         assert 0 <= m["accuracy"] <= 1 and m["fit_seconds"] >= 0
     assert results["raw"]["n_features"] == 784
-    assert json.loads((tiny_raw / "reports/metrics/downstream.json").read_text()) == results
+    assert read_metrics(tiny_raw / "reports/metrics/downstream.json") == results
     confusion = (tiny_raw / "reports/plots/confusion_ae.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 41
     for figure in ("pretrain_recon", "features_recon", "confusion_ae"):

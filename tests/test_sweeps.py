@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from aelab.stages import regularization
 from aelab.sweep import compare, epochs_to_target, markdown_table, varying_settings
-from conftest import compose_cfg
+from conftest import compose_cfg, read_metrics
 
 
 def test_epochs_to_target_and_default_target_is_a_loss_every_run_reached():
@@ -71,7 +70,7 @@ def test_regularization_study_on_tiny_data(tiny_raw, smoke_overrides):
         assert 0 <= row["frac_near_zero"] <= 1 and 0 <= row["xgb_accuracy_on_codes"] <= 1
         assert row["gap_val_minus_train"] == pytest.approx(row["final_val_loss"] - row["final_train_loss"])
     assert 0 < rows[2]["mean_activation"] < 1  # sigmoid codes
-    saved = json.loads((tiny_raw / "reports/metrics/regularization.json").read_text())
+    saved = read_metrics(tiny_raw / "reports/metrics/regularization.json")
     assert set(saved) == {"baseline", "bn_pre", "sparse_kl"}
     curves = (tiny_raw / "reports/plots/regularization_val_loss.csv").read_text().splitlines()
     assert curves[0] == "epoch,baseline,bn_pre,sparse_kl" and len(curves) == 1 + cfg.regularization.max_epochs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import mlflow
 import numpy as np
@@ -14,7 +13,7 @@ from aelab.config import ConfigError
 from aelab.data.tabular import TableError, load_table, read_csv
 from aelab.stages import tabular
 from aelab.tracking import file_hash
-from conftest import compose_cfg
+from conftest import compose_cfg, read_metrics
 
 FEATURES = [f"f{i}" for i in range(6)]
 
@@ -51,7 +50,7 @@ def test_stage_on_a_tiny_csv(workdir):
     ae = results["ae"]
     assert ae["code_dim"] == 12 and ae["fit_seconds"] > 0 and ae["test_mse"] > 0
     assert 0 < ae["sparsity"]["mean_activation"] < 1 and 0 <= ae["sparsity"]["frac_near_zero"] <= 1
-    assert json.loads((workdir / "reports/metrics/tabular.json").read_text()) == results
+    assert read_metrics(workdir / "reports/metrics/tabular.json") == results
     report = (workdir / "reports/tabular.md").read_text()
     assert "| raw + codes | 18 |" in report and "3-fold" in report
 

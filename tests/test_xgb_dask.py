@@ -3,7 +3,6 @@ xgboost.dask on a 2-worker LocalCluster (the stage's own, or a running scheduler
 
 from __future__ import annotations
 
-import json
 
 import mlflow
 import numpy as np
@@ -13,7 +12,7 @@ from omegaconf import OmegaConf
 
 from aelab.stages import downstream, features, pretrain, tabular
 from aelab.xgb import fit_xgb, xgb_client
-from conftest import compose_cfg
+from conftest import compose_cfg, read_metrics
 from test_tabular import tiny_overrides, write_table
 
 DASK = OmegaConf.create({"scheduler": None, "n_workers": 2, "threads_per_worker": 1, "connect_timeout": 30})
@@ -38,7 +37,7 @@ def test_downstream_on_dask_writes_the_local_engines_metrics(tiny_raw, smoke_ove
     features.main(cfg)
     local = downstream.main(cfg)
     on_dask = downstream.main(compose_cfg(*smoke_overrides, "downstream.n_estimators=20", "downstream.engine=dask"))
-    assert json.loads((tiny_raw / "reports/metrics/downstream.json").read_text()) == on_dask
+    assert read_metrics(tiny_raw / "reports/metrics/downstream.json") == on_dask
     assert {k: set(v) for k, v in on_dask.items()} == {k: set(v) for k, v in local.items()}
     for name in local:  # 40 test images: one of them is 0.025 of accuracy
         assert on_dask[name]["accuracy"] == pytest.approx(local[name]["accuracy"], abs=0.1)
