@@ -56,14 +56,15 @@ class Numbers:
         self.overrides = spread.get("overrides", [])
         self.machines = spread.get("machines", {})
         self.seed = seed
+        apart = {k.split(".", 1)[0] for k, s in self.spread.items()
+                 if not math.isclose(self.current.get(k, math.nan), s["values"].get(str(seed), math.nan),
+                                     rel_tol=1e-9, abs_tol=1e-12)}
+        self.covered_stages = {k.split(".", 1)[0] for k in self.spread} - apart
 
     def covered(self, stage: str) -> bool:
         """Whether the spread holds this run of ``stage``: each of its numbers with a spread equals the spread's
         value for this seed."""
-        keys = [k for k in self.spread if k.startswith(f"{stage}.")]
-        return bool(keys) and all(
-            math.isclose(self.current.get(k, math.nan), self.spread[k]["values"].get(str(self.seed), math.nan),
-                         rel_tol=1e-9, abs_tol=1e-12) for k in keys)
+        return stage in self.covered_stages
 
     def __contains__(self, key: str) -> bool:
         return key in self.current

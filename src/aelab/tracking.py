@@ -108,27 +108,30 @@ def use_experiment(name: str) -> str:
     return experiment.experiment_id
 
 
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (``model name``, ``cpu family``, ...); empty off Linux."""
+    path = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or "unknown")
+    return cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
 def machine() -> str:
     """What the numbers were computed on, in one line: the CPU (model name, family/model numbers, core count, bf16
-    or not, as the
-    trainer decides its CPU precision) and the GPU, if PyTorch sees one. Metrics agree digit for digit only on one."""
+    or not, as the trainer decides its CPU precision) and the GPU, if PyTorch sees one. Metrics agree digit for
+    digit only on one."""
     import torch
 
     from aelab.lit.trainer import cpu_computes_bf16
 
-    cpuinfo = Path("/proc/cpuinfo")
-    fields: dict[str, str] = {}
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = cpuinfo()
     family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
     bf16 = "bf16" if cpu_computes_bf16() else "no bf16"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
