@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PORT    ?= 5000
 
-.PHONY: all setup repro smoke test params ui server clean
+.PHONY: all setup repro smoke test params ui server plots clean
 all: repro
 
 $(BIN)/dvc: pyproject.toml
@@ -18,7 +18,9 @@ CHROMIUM := /usr/bin/chromium
 
 POSTGRES := /usr/lib/postgresql
 
-setup: $(BIN)/dvc $(FASHION) $(CHROMIUM) $(POSTGRES)  ## create .venv, install the project (torch is the big one: ~10 min on a fresh machine)
+VEGA := .cache/vega/versions.json
+
+setup: $(BIN)/dvc $(FASHION) $(CHROMIUM) $(POSTGRES) $(VEGA)  ## create .venv, install the project (torch is the big one: ~10 min on a fresh machine)
 
 # The offline Fashion-MNIST copy (Debian package); without it the download stage needs the network or a mirror.
 $(FASHION):
@@ -38,6 +40,10 @@ $(POSTGRES):
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
 	else echo "note: no $(POSTGRES): run 'sudo apt-get install postgresql' for make server and its tests"; fi
 
+# Vega, Vega-Lite and Vega-Embed from the npm registry (npm pack), for `make plots` and its browser test.
+$(VEGA): | $(BIN)/dvc
+	@python -m aelab.offline_plots --fetch-only || echo "note: no Vega bundles in .cache/vega/: make plots fetches them (needs npm and the npm registry)"
+
 repro: setup  ## run the pipeline on the default config
 	dvc repro
 
@@ -56,6 +62,9 @@ ui: setup  ## the MLflow UI on http://127.0.0.1:$(PORT)
 SERVER_PORT ?= 5001
 server: setup  ## mlflow server on PostgreSQL for parallel jobs and teams (then: export MLFLOW_TRACKING_URI=http://127.0.0.1:$(SERVER_PORT))
 	python -m aelab.server --port $(SERVER_PORT)
+
+plots: setup  ## dvc plots show, rendered offline: Vega from the npm registry, inlined (prints dvc_plots/index.html)
+	python -m aelab.offline_plots
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf data/raw data/features models reports/figures mlflow.db mlruns outputs multirun

@@ -76,7 +76,7 @@ def test_a_two_process_ddp_fit_equals_one_process_of_the_same_global_batch(tiny_
     assert ddp["losses"] == [pytest.approx(row, rel=1e-4) for row in single["losses"]]
     for key in ("best_val_loss", "test_loss", "test_mse"):
         assert ddp["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4)
-    assert sorted(p.name for p in (tiny_raw / "models/pretrain").iterdir()) == ["ae.ckpt"]
+    assert sorted(p.name for p in (tiny_raw / "models/pretrain").iterdir()) == ["ae.ckpt", "model"]
     assert not list(tiny_raw.glob(".aelab-staging-*"))
     runs = mlflow.search_runs(experiment_names=["aelab"], output_format="list")
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]  # one run per stage run, not one per rank

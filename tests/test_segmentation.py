@@ -282,7 +282,7 @@ def _check_outputs(root, metrics, classes):
     assert list(metrics["test_iou"]) == classes
     assert read_metrics(root / "reports/metrics/segment.json") == metrics
     assert (root / "models/segment/segmenter.ckpt").is_file()
-    assert list((root / "models/segment").iterdir()) == [root / "models/segment/segmenter.ckpt"]
+    assert sorted(p.name for p in (root / "models/segment").iterdir()) == ["model", "segmenter.ckpt"]
     history = (root / "reports/plots/segment_history.csv").read_text().splitlines()
     assert history[0] == "epoch,epoch_seconds,train_loss,val_loss,val_miou,val_global_acc,val_class_acc"
     confusion = (root / "reports/plots/segment_confusion.csv").read_text().splitlines()

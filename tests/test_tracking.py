@@ -243,3 +243,21 @@ def test_a_stage_run_carries_its_data_as_an_input_and_the_environment(tiny_raw, 
     assert tags["env.device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     experiment = mlflow.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+
+
+SYSTEM = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
+
+
+def test_a_stage_run_samples_the_machine_into_system_metrics_unless_turned_off(workdir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10")  # start_run sets it; removed after the test
+    client, runs = MlflowClient(), {}
+    for on, seconds in ((True, 2.0), (False, 1.2)):  # in one store: creating one takes seconds
+        cfg = compose_cfg(f"mlflow.system_metrics={str(on).lower()}", "mlflow.system_metrics_interval=0.5")
+        with start_run(cfg, "features") as run:
+            time.sleep(seconds)
+        runs[on] = client.get_run(run.info.run_id)
+    recorded = {on: {key for key in run.data.metrics if key.startswith("system/")} for on, run in runs.items()}
+    assert set(SYSTEM) <= recorded[True] and recorded[False] == set(), recorded
+    steps = [m.step for m in client.get_metric_history(runs[True].info.run_id, SYSTEM[0])]
+    assert len(steps) >= 2 and steps == sorted(steps), steps  # sampled every 0.5 s, not at MLflow's 10
+    assert runs[True].data.metrics[SYSTEM[1]] > 0

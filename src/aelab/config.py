@@ -81,9 +81,22 @@ class TrainerCfg(_Section):
     fast: FastCfg
 
 
+MIN_SYSTEM_METRICS_INTERVAL = 0.1  # seconds; each sample is one write to the tracking store
+
+
 class MlflowCfg(_Section):
     tracking_uri: str
     experiment: str
+    system_metrics: bool
+    system_metrics_interval: float
+
+    @field_validator("system_metrics_interval")
+    @classmethod
+    def _sampling_interval(cls, seconds: float) -> float:
+        if seconds < MIN_SYSTEM_METRICS_INTERVAL:
+            raise ValueError(f"seconds between system metrics samples, at least {MIN_SYSTEM_METRICS_INTERVAL} "
+                             "(each sample is one write to the tracking store)")
+        return seconds
 
 
 class OptimCfg(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import platform
 import socket
@@ -18,11 +19,13 @@ from typing import TYPE_CHECKING
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import fluent
 from omegaconf import DictConfig, OmegaConf
 
 from aelab.distributed import is_main_process
@@ -39,6 +42,9 @@ DIGEST_CHARS = 32  # of the manifest's sha256, as a dataset digest (MLflow's col
 DATASET_ATTEMPTS = 3  # log_input tries when a parallel job inserted the same dataset first
 DUPLICATE_KEY_MESSAGES = ("duplicate key", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
 SWEEP_RUN_ENV = "AELAB_SWEEP_RUN_ID"  # the parent run of the Hydra multirun this process runs jobs of
+ALIAS = "pipeline"  # the registered version the workspace's last run of a stage made
+REGISTERED = {"autoencoder": "aelab-autoencoder", "denoiser": "aelab-denoiser", "colorizer": "aelab-colorizer",
+              "segmenter": "aelab-segmenter", "xgb_ae": "aelab-xgb-ae"}
 
 
 def project_root() -> Path:
@@ -221,12 +227,53 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+class _OncePerMessage(logging.Filter):
+    """Lets each distinct message through once: MLflow's GPU monitor warns at every sample when the GPU does not
+    report a value (the power draw or utilisation of some GPUs and of MIG slices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        new = message not in self.seen
+        self.seen.add(message)
+        return new
+
+
+def log_system_metrics(cfg: DictConfig) -> bool:
+    """Whether the run :func:`start_run` opens gets MLflow's system metrics monitor (``mlflow.system_metrics``, every
+    ``mlflow.system_metrics_interval`` seconds), and its interval set when so; its chatter quieted: the start and
+    stop lines, the GPU-less machine's "Skip logging GPU metrics" (INFO) and repeats of a GPU's warnings."""
+    if not cfg.mlflow.system_metrics or fluent.run_id_to_system_metrics_monitor:
+        return False  # off, or a run of this process (a sweep's parent, an enclosing stage run) samples it already
+    mlflow.set_system_metrics_sampling_interval(cfg.mlflow.system_metrics_interval)
+    quiet = logging.getLogger("mlflow.system_metrics")
+    if quiet.level == logging.NOTSET:  # unless someone set it: MLFLOW_LOGGING_LEVEL=DEBUG leaves it alone too
+        quiet.setLevel(logging.WARNING)
+    gpu = logging.getLogger("mlflow.system_metrics.metrics.gpu_monitor")
+    if not any(isinstance(f, _OncePerMessage) for f in gpu.filters):
+        gpu.addFilter(_OncePerMessage())
+    return True
+
+
 @contextmanager
 def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, dataset: str | None = None):
     """An MLflow run for one stage, tagged with stage, git commit, dataset (``data.name`` unless given), dataset
     manifest hash, host and process id, config logged. Inside a Hydra multirun it is a child of the sweep's parent
     run (``SWEEP_RUN_ENV``, set by aelab.sweep: jobs in other processes, as the joblib and SLURM launchers run them,
     find it too) and carries the job's overrides.
+
+    With ``mlflow.system_metrics`` (the default) MLflow samples the machine every ``mlflow.system_metrics_interval``
+    seconds in a thread into the run's ``system/*`` metrics: CPU and memory (psutil), each NVIDIA GPU's utilisation,
+    memory and power (nvidia-ml-py; none without a GPU or a driver, silently). The figures are the whole machine's:
+    rank 0 alone tracks a DDP stage, and its run shows every GPU of the node. MLflow gives each run started with
+    ``log_system_metrics=True`` a monitor of its own (a nested run shares nothing with its parent), so one process
+    gets one: the run opened here has it unless a run of this process has one already. A sweep's parent run
+    (aelab.sweep) has none, so each job's run has its own, in the job's process or the sweep's; the nested runs the
+    stages open themselves (a variant, a class) have none, their stage run's covers them. Every job's run shows the
+    machine while it ran, which is what tells whether the GPU worked.
 
     The store is prepared under a lock first and runs left RUNNING by dead processes are closed as KILLED. SIGTERM
     or SIGINT inside the block ends the run as KILLED and exits 128 + the signal (``aelab.interrupts``)."""
@@ -247,8 +294,8 @@ def start_run(cfg: DictConfig, stage: str, manifest: Path | str | None = None, d
         tags["sweep_overrides"] = " ".join(HydraConfig.get().overrides.task)
         tags["sweep_job"] = str(HydraConfig.get().job.num)
     with signals_interrupt(), mlflow.start_run(run_name=tags.get("sweep_overrides", stage), tags=tags,
-                                               nested=mlflow.active_run() is not None,
-                                               parent_run_id=sweep) as run:
+                                               nested=mlflow.active_run() is not None, parent_run_id=sweep,
+                                               log_system_metrics=log_system_metrics(cfg)) as run:
         config = OmegaConf.to_container(cfg, resolve=True)
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.yaml")
@@ -274,3 +321,33 @@ def lightning_logger(cfg: DictConfig, run) -> MLFlowLogger | bool:
         return False
     return MLFlowLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=tracking_uri(cfg),
                         run_id=run.info.run_id)
+
+
+def should_register() -> bool:
+    """Register a version for a single run, not for each job of a Hydra multirun (a sweep's models stay logged
+    models of their runs)."""
+    return not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+
+
+def in_workspace() -> bool:
+    """Whether the stage runs in the project's own folder (not in a ``dvc exp run --temp`` copy)."""
+    return project_root() == Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def publish(kind: str, log_model, args: dict, metrics: dict[str, float], sha256: str):
+    """Log a trained model from the active run: ``log_model(name=kind, **args)`` (a flavor's or pyfunc's),
+    registered as ``REGISTERED[kind]`` when :func:`should_register`, its version tagged with the run's commit and the
+    weights' sha256 and, for a run in the project's own workspace (``dvc repro``, ``dvc exp run`` without
+    ``--temp``), aliased :data:`ALIAS`: ``models:/aelab-denoiser@pipeline`` is the model whose checkpoint is in
+    ``models/`` now. ``metrics`` are logged to the run against the model (the UI's model page shows them)."""
+    name = REGISTERED[kind] if should_register() else None
+    info = log_model(name=kind, registered_model_name=name, **args)
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
+    if name is not None:
+        client, number = MlflowClient(), str(info.registered_model_version)
+        client.set_model_version_tag(name, number, "git_commit",
+                                     mlflow.active_run().data.tags.get("git_commit", "unknown"))
+        client.set_model_version_tag(name, number, "weights_sha256", sha256)
+        if in_workspace():
+            client.set_registered_model_alias(name, ALIAS, number)
+    return info

@@ -34,6 +34,7 @@ from aelab.lit.image2image import ImageToImageModule
 from aelab.lit.trainer import fit_best, resume_folder
 from aelab.metrics import ImageQuality, colorfulness
 from aelab.paths import require, write_csv, write_json
+from aelab.pyfunc import ColorizerModel, log_network, uses_channels_last
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import flatten, lightning_logger, start_run
 
@@ -120,6 +121,9 @@ def main(cfg: DictConfig) -> dict:
         })
         for path in (grid, root / c.out_dir / "colorizer.ckpt", root / "reports/plots/colorize_loss.csv"):
             mlflow.log_artifact(str(path))
+        log_network("colorizer", ColorizerModel(channels_last=uses_channels_last(module)),
+                    root / c.out_dir / "colorizer.ckpt", data.test_rgb[pick[:4]].numpy(),
+                    {f"test_{m}": result[m]["model"] for m in ("psnr", "ssim")})
     return metrics
 
 

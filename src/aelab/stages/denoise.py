@@ -31,6 +31,7 @@ from aelab.lit.image2image import ImageToImageModule
 from aelab.lit.trainer import fit_best, resume_folder
 from aelab.metrics import ImageQuality
 from aelab.paths import require, write_csv, write_json
+from aelab.pyfunc import DenoiserModel, log_network, uses_channels_last
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import flatten, lightning_logger, start_run
 
@@ -139,6 +140,8 @@ def main(cfg: DictConfig) -> dict:
         for path in (grid, root / p.out_dir / "denoiser.ckpt", root / "reports/plots/denoise_loss.csv",
                      root / "reports/plots/denoise_robustness.csv"):
             mlflow.log_artifact(str(path))
+        log_network("denoiser", DenoiserModel(channels_last=uses_channels_last(module)), root / p.out_dir / "denoiser.ckpt",
+                    noisy[:4].numpy(), {f"test_{m}": headline[m]["model"] for m in ("psnr", "ssim")})
     return metrics
 
 

@@ -2,12 +2,13 @@
 
 Outputs: ``reports/metrics/downstream.json``, ``reports/plots/confusion_<features>.csv`` (DVC confusion plots),
 ``reports/figures/confusion_ae.png``, ``reports/downstream.md`` (the comparison table); one MLflow run with the
-three boosters logged through ``mlflow.xgboost``.
+three boosters logged through ``mlflow.xgboost``, the one on the AE codes registered as ``aelab-xgb-ae``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import time
 
@@ -17,6 +18,7 @@ import mlflow.xgboost
 import numpy as np
 import xgboost
 from omegaconf import DictConfig
+from mlflow.models import infer_signature
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from xgboost import XGBClassifier
 
@@ -26,7 +28,7 @@ from aelab.data.catalog import get_spec
 from aelab.data.images import load_split, raw_dir
 from aelab.paths import atomic_path, require, write_json
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
-from aelab.tracking import start_run
+from aelab.tracking import publish, start_run
 from aelab.xgb import fit_xgb, xgb_client, xgb_device
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,14 @@ def main(cfg: DictConfig) -> dict:
             results[name] = {**metrics, "xgb_device": device}
             log.info("XGBoost on %s (%s): %s", name, device, metrics)
             mlflow.log_metrics({f"{name}_{k}": v for k, v in metrics.items()})
-            mlflow.xgboost.log_model(clf, name=f"xgb_{name}", pip_requirements=[f"xgboost=={xgboost.__version__}"])
+            x_test = sets[name][2][:5]
+            args = {"xgb_model": clf, "pip_requirements": [f"xgboost=={xgboost.__version__}"],
+                    "signature": infer_signature(x_test, pred[:5]), "input_example": x_test}
+            if name == "ae":  # the registered one: the classifier on the autoencoder's codes
+                publish("xgb_ae", mlflow.xgboost.log_model, args, {f"test_{k}": metrics[k] for k in ("accuracy", "macro_f1")},
+                        hashlib.sha256(clf.get_booster().save_raw()).hexdigest())
+            else:
+                mlflow.xgboost.log_model(name=f"xgb_{name}", **args)
             _write_confusion_csv(root / f"reports/plots/confusion_{name}.csv", y_test, pred, classes)
             if name == "ae":
                 fig = figures.confusion_matrix(root / "reports/figures/confusion_ae.png",

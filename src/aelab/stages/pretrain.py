@@ -11,6 +11,8 @@ import logging
 import hydra
 import lightning as L
 import mlflow
+import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from aelab.config import validate
@@ -18,8 +20,9 @@ from aelab.data.images import ImageDataModule, raw_dir
 from aelab.distributed import leave_process_group
 from aelab.figures import image_rows
 from aelab.lit.autoencoder import autoencoder_module
-from aelab.lit.trainer import fit_best, resume_folder, score_test_split
+from aelab.lit.trainer import fit_best, resolve_precision, resume_folder, score_test_split
 from aelab.paths import require, write_csv, write_json
+from aelab.pyfunc import AutoencoderModel, log_network, uses_channels_last
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import lightning_logger, start_run
 
@@ -58,6 +61,11 @@ def main(cfg: DictConfig) -> dict:
         write_json(root / "reports/metrics/pretrain.json", metrics)
         for path in (grid, ckpt, root / "reports/plots/pretrain_loss.csv"):
             mlflow.log_artifact(str(path))
+        test_images = torch.cat([batch[0] for batch in data.test_dataloader()]).cpu().numpy()
+        model = AutoencoderModel(resolve_precision(cfg.trainer, module), uses_channels_last(module)).load(ckpt)
+        model.reference = np.percentile(model.predict(None, test_images, {"output": "error"}), np.arange(101))
+        log_network("autoencoder", model, ckpt, test_images[:4],
+                    {k: metrics[k] for k in ("test_loss", "test_mse")}, params={"output": "code"})
     return metrics
 
 

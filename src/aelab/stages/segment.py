@@ -29,8 +29,9 @@ from aelab.config import validate
 from aelab.data.segmentation import SegmentationDataModule
 from aelab.distributed import leave_process_group
 from aelab.lit.segmentation import SegmentationModule
-from aelab.lit.trainer import fit_best, resume_folder, score_test_split
+from aelab.lit.trainer import fit_best, resolve_precision, resume_folder, score_test_split
 from aelab.paths import write_csv, write_json
+from aelab.pyfunc import SegmenterModel, log_network, uses_channels_last
 from aelab.stages import CONF_DIR, output_root, publishes_outputs
 from aelab.tracking import lightning_logger, start_run
 
@@ -109,6 +110,9 @@ def main(cfg: DictConfig) -> dict:
                  ckpt, *(root / f"reports/plots/segment_{name}.csv" for name in ("history", "iou", "confusion"))]
         for path in paths:
             mlflow.log_artifact(str(path))
+        example = torch.stack([data.sets["test"][i][0] for i in range(min(4, len(data.sets["test"])))])
+        log_network("segmenter", SegmenterModel(resolve_precision(trainer_cfg, module), uses_channels_last(module)),
+                    ckpt, example.numpy(), {k: metrics[k] for k in ("test_global_acc", "test_class_acc", "test_miou")})
     return metrics
 
 
