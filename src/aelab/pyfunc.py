@@ -54,7 +54,8 @@ def bf16_here() -> bool:
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``x`` (N, C, H, W) padded at the bottom and right, by repeating the edge, to H and W divisible by ``multiple``."""
+    """``x`` (N, C, H, W) padded at the bottom and right, by repeating the edge, to H and W divisible by
+    ``multiple``."""
     h, w = x.shape[-2:]
     pad_h, pad_w = -h % multiple, -w % multiple
     return torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x

@@ -47,10 +47,20 @@ REGISTERED = {"autoencoder": "aelab-autoencoder", "denoiser": "aelab-denoiser", 
               "segmenter": "aelab-segmenter", "xgb_ae": "aelab-xgb-ae"}
 
 
+def stage_folder() -> Path:
+    """Where a stage runs: ``DVC_ROOT`` (which DVC sets for stage commands) or the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def project_root() -> Path:
-    """The project a stage belongs to: ``DVC_ROOT`` (which DVC sets for stage commands) or the working directory,
-    and for an experiment DVC runs in a temporary copy (``<project>/.dvc/tmp/exps/...``), the project holding it."""
-    root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    """The project a stage belongs to: its :func:`stage_folder`, and for an experiment DVC runs in a temporary copy
+    (``<project>/.dvc/tmp/exps/...``), the project holding it."""
+    root = stage_folder()
     parts = root.parts
     for i in range(len(parts) - len(DVC_EXP_TMP) + 1):
         if parts[i:i + len(DVC_EXP_TMP)] == DVC_EXP_TMP:
@@ -326,12 +336,12 @@ def lightning_logger(cfg: DictConfig, run) -> MLFlowLogger | bool:
 def should_register() -> bool:
     """Register a version for a single run, not for each job of a Hydra multirun (a sweep's models stay logged
     models of their runs)."""
-    return not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+    return not in_multirun()
 
 
 def in_workspace() -> bool:
     """Whether the stage runs in the project's own folder (not in a ``dvc exp run --temp`` copy)."""
-    return project_root() == Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    return project_root() == stage_folder()
 
 
 def publish(kind: str, log_model, args: dict, metrics: dict[str, float], sha256: str):

@@ -21,11 +21,10 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 
 from aelab.interrupts import process_alive
 from aelab.paths import write_json
-from aelab.tracking import provenance
+from aelab.tracking import in_multirun, provenance
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 STAGING_PREFIX = ".aelab-staging-"
@@ -34,7 +33,7 @@ _staging: ContextVar[Path | None] = ContextVar("aelab_staging", default=None)
 
 def final_root() -> Path:
     """``.`` for a single run (DVC's declared outs); the job's own folder in a Hydra multirun, so jobs don't clash."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_multirun():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(".")
 

@@ -140,8 +140,8 @@ def main(cfg: DictConfig) -> dict:
         for path in (grid, root / p.out_dir / "denoiser.ckpt", root / "reports/plots/denoise_loss.csv",
                      root / "reports/plots/denoise_robustness.csv"):
             mlflow.log_artifact(str(path))
-        log_network("denoiser", DenoiserModel(channels_last=uses_channels_last(module)), root / p.out_dir / "denoiser.ckpt",
-                    noisy[:4].numpy(), {f"test_{m}": headline[m]["model"] for m in ("psnr", "ssim")})
+        log_network("denoiser", DenoiserModel(channels_last=uses_channels_last(module)),
+                    root / p.out_dir / "denoiser.ckpt", noisy[:4].numpy(), {f"test_{m}": headline[m]["model"] for m in ("psnr", "ssim")})
     return metrics
 
 

@@ -17,8 +17,8 @@ import mlflow
 import mlflow.xgboost
 import numpy as np
 import xgboost
-from omegaconf import DictConfig
 from mlflow.models import infer_signature
+from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from xgboost import XGBClassifier
 
@@ -84,7 +84,8 @@ def main(cfg: DictConfig) -> dict:
             args = {"xgb_model": clf, "pip_requirements": [f"xgboost=={xgboost.__version__}"],
                     "signature": infer_signature(x_test, pred[:5]), "input_example": x_test}
             if name == "ae":  # the registered one: the classifier on the autoencoder's codes
-                publish("xgb_ae", mlflow.xgboost.log_model, args, {f"test_{k}": metrics[k] for k in ("accuracy", "macro_f1")},
+                publish("xgb_ae", mlflow.xgboost.log_model, args,
+                        {f"test_{k}": metrics[k] for k in ("accuracy", "macro_f1")},
                         hashlib.sha256(clf.get_booster().save_raw()).hexdigest())
             else:
                 mlflow.xgboost.log_model(name=f"xgb_{name}", **args)
