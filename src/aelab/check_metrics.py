@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from aelab.errors import UserError, reported
 from aelab.tracking import flatten
 
 METRICS_DIR = "reports/metrics"
@@ -47,8 +48,11 @@ def read_folder(folder: Path | str) -> dict[str, dict]:
 
 def read_revision(rev: str, folder: str = METRICS_DIR) -> dict[str, dict]:
     """The metrics files of ``folder`` as committed at git revision ``rev`` (a commit, branch or experiment ref)."""
-    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{folder}"], capture_output=True, text=True,
-                           check=True).stdout.split()
+    listing = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{folder}"], capture_output=True, text=True)
+    if listing.returncode:
+        raise UserError(f"git revision {rev!r} has no {folder} ({listing.stderr.strip().splitlines()[-1]}): give a "
+                        "commit that has committed metrics (--rev), or a folder of them (--baseline)")
+    names = listing.stdout.split()
     return {Path(name).stem: json.loads(subprocess.run(["git", "show", f"{rev}:{folder}/{name}"], capture_output=True,
                                                        text=True, check=True).stdout)
             for name in names if name.endswith(".json")}
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-4)
     args = parser.parse_args(argv)
 
+    for folder in (args.baseline, args.metrics):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"no metrics folder {folder}: give the folder of a run's reports/metrics")
     baseline = read_folder(args.baseline) if args.baseline else read_revision(args.rev, str(args.metrics))
     spread = load_spread(args.spread)
     rows = compare(flat_metrics(read_folder(args.metrics)), flat_metrics(baseline), spread, args.sigmas, args.rtol)
@@ -125,4 +132,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported("aelab.check_metrics"):
+        sys.exit(main())

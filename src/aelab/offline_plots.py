@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from aelab.errors import UserError, reported
 from aelab.paths import atomic_path, write_json
 
 # the majors of the CDN tags in dvc_render 1.0.2 (dvc 3.67): vega@5.20.2, vega-lite@5.2.0, vega-embed@6.18.2
@@ -40,7 +41,7 @@ PAGE = """<!DOCTYPE html>
 """
 
 
-class OfflinePlotsError(RuntimeError):
+class OfflinePlotsError(UserError):
     """The bundles could not be fetched, or DVC did not render the page: the message says what to run."""
 
 
@@ -130,15 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="dvc_plots", help="output folder (default: dvc_plots)")
     parser.add_argument("--fetch-only", action="store_true", help=f"only fetch the bundles into {CACHE}")
     args = parser.parse_args(argv)
-    try:
-        if args.fetch_only:
-            fetch()
-            print(CACHE)
-        else:
-            print(render(out=args.out))
-    except OfflinePlotsError as e:
-        sys.exit(f"error: {e}")
+    if args.fetch_only:
+        fetch()
+        print(CACHE)
+    else:
+        print(render(out=args.out))
 
 
 if __name__ == "__main__":
-    main()
+    with reported("aelab.offline_plots"):
+        main()

@@ -42,8 +42,9 @@ def uses_channels_last(module: torch.nn.Module) -> bool:
     """Whether ``module``'s convolution kernels are in channels-last layout (as ``fit_best`` leaves a model whose
     fast path trained in it): inference then runs in that layout too, as the stage's own scoring did."""
     kernels = [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
-    return bool(kernels) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                                 for p in kernels)
+    # a kernel with one input channel (O, 1, k, k) is contiguous in both layouts: only the others tell
+    return (bool(kernels) and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+            and any(not p.is_contiguous() for p in kernels))
 
 
 def bf16_here() -> bool:
@@ -53,11 +54,11 @@ def bf16_here() -> bool:
     return torch.cuda.is_available() or cpu_computes_bf16()
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_to_multiple(x: torch.Tensor, multiple: int, minimum: int = 1) -> torch.Tensor:
     """``x`` (N, C, H, W) padded at the bottom and right, by repeating the edge, to H and W divisible by
-    ``multiple``."""
+    ``multiple`` and at least ``minimum``."""
     h, w = x.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
+    pad_h, pad_w = max(-h % multiple, minimum - h), max(-w % multiple, minimum - w)
     return torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
 
 
@@ -125,6 +126,20 @@ class NetworkModel(mlflow.pyfunc.PythonModel):
     def forward(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def stride(self) -> int:
+        """What the network's height and width must be a multiple of: 2 per pooling level."""
+        return 2 ** len(self.module.hparams.model_cfg["channels"])
+
+    def min_side(self) -> int:
+        """The smallest height and width the network takes."""
+        return self.stride()
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output for images ``x`` of any size: padded by their edge pixels to :meth:`stride` (and
+        :meth:`min_side`) where they need it, run, and cropped back."""
+        h, w = x.shape[-2:]
+        return self.module(pad_to_multiple(x, self.stride(), self.min_side()))[..., :h, :w]
+
 
 class DenoiserModel(NetworkModel):
     """Noisy grayscale images (N, 1, H, W) in [0, 1], any size -> denoised images of the same shape. The network is
@@ -142,9 +157,7 @@ class DenoiserModel(NetworkModel):
         return (-1, 1, -1, -1)
 
     def forward(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        stride = 2 ** len(self.module.hparams.model_cfg["channels"])
-        h, w = x.shape[-2:]
-        return self.module(pad_to_multiple(x, stride))[..., :h, :w]
+        return self.whole(x)
 
 
 class ColorizerModel(NetworkModel):
@@ -163,15 +176,16 @@ class ColorizerModel(NetworkModel):
         from aelab.data.color import rgb_to_lab, to_rgb
 
         l_in = rgb_to_lab(x.float().expand(-1, 3, -1, -1))[:, :1] / 100
-        stride = 2 ** (len(self.module.hparams.model_cfg["channels"]) - 1)
-        h, w = x.shape[-2:]
-        ab = self.module(pad_to_multiple(l_in, stride))[..., :h, :w].float()
-        return to_rgb(l_in, ab)
+        return to_rgb(l_in, self.whole(l_in).float())
+
+    def stride(self) -> int:
+        return 2 ** (len(self.module.hparams.model_cfg["channels"]) - 1)  # the U-Net's last level does not pool
 
 
 class SegmenterModel(NetworkModel):
-    """Images (N, C, H, W) in [0, 1] with the channels the segmenter trained on -> each pixel's class index (N, H, W);
-    the class names are ``classes`` (index 0 is the background of the generated set)."""
+    """Images (N, C, H, W) in [0, 1] with the channels the segmenter trained on, any size -> each pixel's class index
+    (N, H, W); the class names are ``classes`` (index 0 is the background of the generated set). SegNet takes any
+    size from 2 per pooling level up (smaller images are padded); smp's models are padded to a multiple of 32."""
 
     module_class = "aelab.lit.segmentation.SegmentationModule"
 
@@ -191,7 +205,16 @@ class SegmenterModel(NetworkModel):
         return (-1, self.module.hparams.in_channels, -1, -1)
 
     def forward(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        return self.module(x).argmax(1)
+        return self.whole(x).argmax(1)
+
+    def stride(self) -> int:
+        return 1 if self.segnet() else 32  # SegNet unpools to any size; smp's encoders pool five times
+
+    def min_side(self) -> int:
+        return 2 ** len(self.module.hparams.model_cfg["channels"]) if self.segnet() else 32
+
+    def segnet(self) -> bool:
+        return "channels" in self.module.hparams.model_cfg
 
 
 class AutoencoderModel(NetworkModel):
@@ -236,12 +259,11 @@ class AutoencoderModel(NetworkModel):
         return torch.searchsorted(reference, error.contiguous()).float().clamp(max=100)
 
 
-def log_network(kind: str, model: NetworkModel, checkpoint: Path | str, example: np.ndarray,
-                metrics: dict[str, float], params: dict | None = None):
+def save_network(model: NetworkModel, checkpoint: Path | str, example: np.ndarray,
+                 params: dict | None = None) -> dict:
     """Save ``model`` (its weights: ``checkpoint``) as an MLflow model in ``model/`` beside the checkpoint (a DVC
-    output: ``python -m aelab.predict`` loads it from there), and log it from the active run as the MLflow model
-    ``kind``, with the signature of ``example`` and its output and the run's test ``metrics`` attached; register it
-    (see the module). Returns MLflow's ModelInfo."""
+    output: ``python -m aelab.predict`` loads it from there), with the signature of ``example`` and its output.
+    Returns the arguments it was saved with (for ``log_model``)."""
     if model.module is None:
         model.load(checkpoint)
     output = model.predict(None, example, params)
@@ -251,4 +273,12 @@ def log_network(kind: str, model: NetworkModel, checkpoint: Path | str, example:
     args = {"python_model": model, "artifacts": {"checkpoint": str(checkpoint)}, "signature": signature,
             "input_example": example, "pip_requirements": requirements()}
     mlflow.pyfunc.save_model(Path(checkpoint).parent / MODEL_DIR, **args)
+    return args
+
+
+def log_network(kind: str, model: NetworkModel, checkpoint: Path | str, example: np.ndarray,
+                metrics: dict[str, float], params: dict | None = None):
+    """:func:`save_network`, then log the model from the active run as the MLflow model ``kind`` with the run's test
+    ``metrics`` attached, and register it (see the module). Returns MLflow's ModelInfo."""
+    args = save_network(model, checkpoint, example, params)
     return publish(kind, mlflow.pyfunc.log_model, args, metrics, file_hash(checkpoint))

@@ -28,6 +28,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from aelab.check_metrics import METRICS_DIR, flat_metrics, read_revision
+from aelab.errors import reported
 from aelab.paths import atomic_path, write_json
 from aelab.tracking import start_run
 
@@ -153,4 +154,5 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with reported("aelab.spread"):
+        main()
