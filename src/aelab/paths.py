@@ -15,10 +15,15 @@ class MissingUpstreamError(FileNotFoundError):
 
 
 def require(path: Path | str, stage: str) -> Path:
-    """Return ``path`` if it exists, else fail saying which DVC stage produces it."""
+    """Return ``path`` if it exists (and, a checkpoint, is readable), else fail saying which DVC stage produces it
+    (or how to restore it)."""
     path = Path(path)
     if not path.exists():
         raise MissingUpstreamError(f"missing input {path}: run the '{stage}' stage first (`dvc repro {stage}`)")
+    if path.suffix == ".ckpt":
+        from aelab.errors import check_checkpoint
+
+        check_checkpoint(path, stage)
     return path
 
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,6 +29,7 @@ from mlflow.tracking import fluent
 from omegaconf import DictConfig, OmegaConf
 
 from aelab.distributed import is_main_process
+from aelab.errors import TrackingStoreError
 from aelab.interrupts import interrupting_signal, process_alive, signals_interrupt
 
 if TYPE_CHECKING:
@@ -83,13 +84,53 @@ def tracking_uri(cfg: DictConfig) -> str:
 def prepare_store(uri: str) -> None:
     """Create or upgrade a local sqlite store once, under a file lock beside it: MLflow's schema migration breaks
     (and leaves the database unusable) when several stages start on a new database at once."""
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     if not uri.startswith(SQLITE) or uri == SQLITE + ":memory:":
         return
     db = Path(uri[len(SQLITE):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        check_sqlite(db)
         MlflowClient(uri).search_experiments(max_results=1)  # opening the store creates or migrates its tables
+
+
+def check_sqlite(db: Path) -> None:
+    """Raise TrackingStoreError naming ``db`` when it exists but is not a readable SQLite database (truncated,
+    overwritten), before MLflow touches it: it is opened read-only and checked (``PRAGMA quick_check``)."""
+    import sqlite3
+
+    if not db.exists() or db.stat().st_size == 0:
+        return  # a new store
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            problem = con.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as err:
+        problem = str(err)
+    if problem != "ok":
+        raise TrackingStoreError(
+            f"the tracking store {db} is not a readable SQLite database ({problem}). The pipeline's outputs do not "
+            f"depend on it: move it aside (`mv {db} {db}.broken`) and rerun for a new store, or point "
+            "MLFLOW_TRACKING_URI at another one")
+
+
+def check_server(uri: str, timeout: float = 10) -> None:
+    """Raise TrackingStoreError when the tracking server at ``uri`` does not answer its ``/health``, instead of
+    MLflow's minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    local = "://127.0.0.1" in uri or "://localhost" in uri
+    opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if local else []))
+    try:
+        opener.open(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (behind a proxy or auth, say): MLflow takes it from here
+    except OSError as err:
+        raise TrackingStoreError(
+            f"cannot reach the tracking server {uri} ({getattr(err, 'reason', err)}): start it (`make server`), "
+            "or unset MLFLOW_TRACKING_URI to track into sqlite:///mlflow.db") from None
 
 
 def close_stale_runs(experiment_id: str) -> list[str]:

@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
+from aelab.errors import reported
 from aelab.interrupts import process_alive
 from aelab.paths import write_json
 from aelab.tracking import in_multirun, provenance
@@ -47,7 +48,8 @@ def output_root() -> Path:
 def publishes_outputs(main):
     """Run a stage's ``main(cfg)`` with its writes staged in a folder beside its outputs; move every file into place
     when it returns, so a failing stage leaves the previous outputs as they were (and none half-new). Staging
-    folders left by killed processes are removed first."""
+    folders left by killed processes are removed first. Run from the command line (a Hydra app), an expected
+    failure is one message and exit status 1 (``aelab.errors.reported``); called with a config, it raises."""
     @functools.wraps(main)
     def run(cfg):
         final = final_root()
@@ -55,7 +57,8 @@ def publishes_outputs(main):
         remove_stale_staging(final)
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=final))
         try:
-            with staged_in(staging):
+            with staged_in(staging), (reported(f"aelab.stages.{main.__module__.rpartition('.')[2]}")
+                                      if HydraConfig.initialized() else nullcontext()):
                 result = main(cfg)
             stamp_metrics(staging)
             publish(staging, final)
