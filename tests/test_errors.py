@@ -47,7 +47,8 @@ def trained(tiny_raw, smoke_overrides):
 def test_a_bad_config_value_is_one_line_and_the_traceback_is_a_switch_away(trained):
     before = files(trained)
     proc = run(trained, "aelab.stages.pretrain", *STAGE_ARGS, "pretrain.optim.lr=-1")
-    assert_reported(proc, "pretrain.optim.lr: Input should be greater than 0 (got -1)")
+    assert_reported(proc, "aelab.stages.pretrain: error: invalid config:",
+                    "pretrain.optim.lr: Input should be greater than 0 (got -1)")
     assert files(trained) == before
     debug = run(trained, "aelab.stages.pretrain", *STAGE_ARGS, "pretrain.optim.lr=-1", AELAB_DEBUG="1")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr

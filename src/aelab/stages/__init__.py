@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -57,8 +58,7 @@ def publishes_outputs(main):
         remove_stale_staging(final)
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=final))
         try:
-            with staged_in(staging), (reported(f"aelab.stages.{main.__module__.rpartition('.')[2]}")
-                                      if HydraConfig.initialized() else nullcontext()):
+            with staged_in(staging), reported(program(main)) if HydraConfig.initialized() else nullcontext():
                 result = main(cfg)
             stamp_metrics(staging)
             publish(staging, final)
@@ -66,6 +66,12 @@ def publishes_outputs(main):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return run
+
+
+def program(main) -> str:
+    """The command that runs ``main``'s stage (``aelab.stages.pretrain``, also when run as ``python -m``)."""
+    spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
+    return spec.name if spec is not None else main.__module__
 
 
 @contextmanager
