@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from aelab.server import free_port
 from aelab.stages import pretrain
@@ -52,6 +53,12 @@ def test_a_bad_config_value_is_one_line_and_the_traceback_is_a_switch_away(train
     assert files(trained) == before
     debug = run(trained, "aelab.stages.pretrain", *STAGE_ARGS, "pretrain.optim.lr=-1", AELAB_DEBUG="1")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
+def test_a_gpu_asked_for_on_a_machine_without_one_names_the_key(tiny_raw):
+    proc = run(tiny_raw, "aelab.stages.pretrain", *STAGE_ARGS, "trainer.accelerator=gpu")
+    assert_reported(proc, "trainer.accelerator: Value error, 'gpu' asked for", "trainer.accelerator=auto")
 
 
 def test_a_missing_upstream_checkpoint_names_the_stage_to_run(tiny_raw):

@@ -80,6 +80,18 @@ class TrainerCfg(_Section):
     cpu_threads: PositiveInt | None = None
     fast: FastCfg
 
+    @field_validator("accelerator")
+    @classmethod
+    def _device_here(cls, accelerator: str) -> str:
+        import torch
+
+        missing = {"gpu": not torch.cuda.is_available(), "cuda": not torch.cuda.is_available(),
+                   "mps": not torch.backends.mps.is_available()}.get(accelerator, False)
+        if missing:
+            raise ValueError(f"{accelerator!r} asked for, but this machine has none that torch can use: "
+                             "trainer.accelerator=auto takes the GPU when there is one, else the CPU")
+        return accelerator
+
 
 MIN_SYSTEM_METRICS_INTERVAL = 0.1  # seconds; each sample is one write to the tracking store
 
