@@ -164,6 +164,10 @@ def test_encode_a_csv_gives_the_autoencoders_codes_and_names_bad_rows(inputs, tm
     model = mlflow.pyfunc.load_model("models/pretrain/model")
     expected = model.predict((images / 255).astype(np.float32)[:, None], params={"output": "code"})
     np.testing.assert_allclose(codes, expected, rtol=1e-5, atol=1e-6)
+    header_only = inputs / "empty" / "header.csv"
+    header_only.parent.mkdir()
+    header_only.write_text("label," + ",".join(f"pixel{i + 1}" for i in range(784)) + "\n")
+    assert predict.main(["encode", str(header_only.parent), "--out", str(tmp_path / "none")]) == 2
     bad = [row for row in summary(out) if row["status"] == "failed"]
     assert len(bad) == 1 and bad[0]["input"].endswith("table.csv:7")
     assert "100 pixel values; a row needs 784" in bad[0]["message"]

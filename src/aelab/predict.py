@@ -98,6 +98,8 @@ def gather(paths: list[str], tables: bool) -> list[Item]:
             name = stem if stem not in names else f"{stem}_{path.suffix.lstrip('.')}"
             names.add(name)
             items.append(Item(path, name))
+    if not items:
+        raise UsageError(f"no inputs in {' '.join(paths)}: the CSVs have no data rows")
     return items
 
 
@@ -123,12 +125,12 @@ def read_table(path: Path) -> list[Item]:
         item.label = row[label_col] if label_col is not None and label_col < len(row) else ""
         if len(values) != width:
             item.error = (f"{len(values)} pixel values; a row needs {width} (28x28)"
-                                    + (", plus an optional 'label' column" if label_col is None else ""))
+                          + (", plus an optional 'label' column" if label_col is None else ""))
         elif not all(is_number(v) for v in values):
             item.error = "a pixel value is not a number"
         else:
             pixels = np.array(values, dtype=np.float32)
-            if pixels.min() < 0 or pixels.max() > 255:
+            if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
                 item.error = f"pixel values span {pixels.min():g}..{pixels.max():g}; expected 0..255"
             else:
                 item.pixels = pixels.reshape(1, AE_SIZE, AE_SIZE) / 255
