@@ -217,14 +217,9 @@ def load_model(command: str, uri: str | None):
             raise UsageError(f"no model at {uri}: run the pipeline first (`dvc repro`), or pass "
                              f"--model models:/{registered}@pipeline")
     elif uri.startswith("models:/"):
-        from omegaconf import OmegaConf
+        from aelab.tracking import project_tracking_uri
 
-        from aelab.tracking import tracking_uri
-
-        params = Path("params.yaml")
-        cfg = OmegaConf.load(params) if params.exists() else OmegaConf.create(
-            {"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}})
-        mlflow.set_tracking_uri(tracking_uri(cfg))
+        mlflow.set_tracking_uri(project_tracking_uri())
     try:
         return mlflow.pyfunc.load_model(uri)
     except Exception as e:  # MLflow raises its own and OSErrors, with the URI in the message

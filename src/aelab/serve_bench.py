@@ -40,16 +40,10 @@ from aelab.data.images import load_split
 from aelab.paths import write_json
 from aelab.server import free_port, invoke, model_server
 from aelab.stages import CONF_DIR
-from aelab.tracking import installed_version, machine, tracking_uri
+from aelab.tracking import installed_version, machine, project_tracking_uri
 
 DEFAULT_MODEL = "models:/aelab-denoiser@pipeline"
 CASES = {"single": 1, "batch_256": 256}  # name -> images per request
-
-
-def project_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the config's store (conf/config.yaml ``mlflow.tracking_uri``) as a stage
-    resolves it: a relative sqlite path is the project's (the working directory)."""
-    return tracking_uri(OmegaConf.load(Path(CONF_DIR) / "config.yaml"))
 
 
 def bench_images(n: int, seed: int = 0) -> tuple[np.ndarray, str]:

@@ -81,6 +81,16 @@ def tracking_uri(cfg: DictConfig) -> str:
     return uri
 
 
+def project_tracking_uri() -> str:
+    """The store the stages track into, for the commands beside them (predict, serve_bench): ``MLFLOW_TRACKING_URI``,
+    else ``mlflow.tracking_uri`` of the working directory's params.yaml (the composed config the stages read), else
+    of conf/config.yaml."""
+    from aelab.stages import CONF_DIR
+
+    params = Path("params.yaml")
+    return tracking_uri(OmegaConf.load(params if params.exists() else Path(CONF_DIR) / "config.yaml"))
+
+
 def prepare_store(uri: str) -> None:
     """Create or upgrade a local sqlite store once, under a file lock beside it: MLflow's schema migration breaks
     (and leaves the database unusable) when several stages start on a new database at once."""
