@@ -9,7 +9,6 @@ exit status 1; ``AELAB_DEBUG=1`` (or Hydra's ``HYDRA_FULL_ERROR=1``) re-raises i
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import zipfile
@@ -67,17 +66,6 @@ def reported(program: str):
         print(f"{program}: error: {err}", file=sys.stderr)
         print("(AELAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def reports_errors(program: str):
-    """Decorator: the function runs under :func:`reported` (for the ``main`` of a command-line entry point)."""
-    def wrap(main):
-        @functools.wraps(main)
-        def run(*args, **kwargs):
-            with reported(program):
-                return main(*args, **kwargs)
-        return run
-    return wrap
 
 
 def check_checkpoint(path: Path, stage: str) -> Path:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from aelab.errors import reported
 from aelab.paths import MissingUpstreamError, write_json
+from aelab.pyfunc import MODEL_DIR
 from aelab.tracking import ALIAS, REGISTERED, flatten
 
 REPORT = Path("reports/model_check.json")
@@ -152,7 +153,7 @@ def model_uri(kind: str, cfg, registry: bool) -> tuple[str, str | None]:
     """(the model's URI, why it is skipped or None): the stage's model folder, or its registered ``@pipeline``
     version."""
     if not registry:
-        folder = Path(cfg[KINDS[kind].stage].out_dir) / "model"
+        folder = Path(cfg[KINDS[kind].stage].out_dir) / MODEL_DIR
         return str(folder), None if (folder / "MLmodel").is_file() else f"no model at {folder}"
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -40,16 +40,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from aelab.errors import UserError
+from aelab.pyfunc import MODEL_DIR
+from aelab.tracking import ALIAS, REGISTERED
 
 MAX_PIXELS = 4_000_000  # per image for the convolutional networks: about 1 GB of activations on the CPU
 GRAY_TOLERANCE = 2  # an RGB image whose channels differ by at most this (of 255) is gray (JPEG's chroma noise)
 AE_SIZE = 28
-COMMANDS = {  # command -> (pipeline stage folder, registered model, what it does)
-    "denoise": ("models/denoise", "aelab-denoiser", "denoise grayscale images"),
-    "colorize": ("models/colorize", "aelab-colorizer", "colorize gray (or RGB, by their luminance) images"),
-    "segment": ("models/segment", "aelab-segmenter", "label every pixel with a class"),
-    "encode": ("models/pretrain", "aelab-autoencoder", "the autoencoder's code of each image or CSV row"),
-    "anomaly": ("models/pretrain", "aelab-autoencoder", "reconstruction error (anomaly score) of each image or row"),
+COMMANDS = {  # command -> (pipeline stage folder, model kind (tracking.REGISTERED), what it does)
+    "denoise": ("models/denoise", "denoiser", "denoise grayscale images"),
+    "colorize": ("models/colorize", "colorizer", "colorize gray (or RGB, by their luminance) images"),
+    "segment": ("models/segment", "segmenter", "label every pixel with a class"),
+    "encode": ("models/pretrain", "autoencoder", "the autoencoder's code of each image or CSV row"),
+    "anomaly": ("models/pretrain", "autoencoder", "reconstruction error (anomaly score) of each image or row"),
 }
 
 
@@ -210,12 +212,12 @@ def load_model(command: str, uri: str | None):
     """The MLflow pyfunc for ``command``: ``uri`` (a model URI or folder) or the pipeline's model folder."""
     import mlflow
 
-    folder, registered, _ = COMMANDS[command]
+    folder, kind, _ = COMMANDS[command]
     if uri is None:
-        uri = f"{folder}/model"
+        uri = f"{folder}/{MODEL_DIR}"
         if not Path(uri).is_dir():
             raise UsageError(f"no model at {uri}: run the pipeline first (`dvc repro`), or pass "
-                             f"--model models:/{registered}@pipeline")
+                             f"--model models:/{REGISTERED[kind]}@{ALIAS}")
     elif uri.startswith("models:/"):
         from aelab.tracking import project_tracking_uri
 
@@ -343,15 +345,15 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m aelab.predict", description=__doc__.split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command, (folder, registered, summary) in COMMANDS.items():
+    for command, (folder, kind, summary) in COMMANDS.items():
         sub = commands.add_parser(command, help=summary, description=f"{summary}. See python -m aelab.predict -h.")
         tables = command in ("encode", "anomaly")
         sub.add_argument("paths", nargs="+", metavar="PATH",
                          help="image files or folders" + (", or CSVs of 784 pixel columns" if tables else ""))
         sub.add_argument("--out", type=Path, default=Path("predictions") / command,
-                         help="output folder (default predictions/%(prog)s)".replace("%(prog)s", command))
-        sub.add_argument("--model", help=f"an MLflow model URI or folder (default {folder}/model; e.g. "
-                                         f"models:/{registered}@pipeline)")
+                         help=f"output folder (default predictions/{command})")
+        sub.add_argument("--model", help=f"an MLflow model URI or folder (default {folder}/{MODEL_DIR}; e.g. "
+                                         f"models:/{REGISTERED[kind]}@{ALIAS})")
         if command != "colorize":
             sub.add_argument("--gray", action="store_true", help="convert colour images to gray instead of "
                                                                  "refusing them")

@@ -40,9 +40,9 @@ from aelab.data.images import load_split
 from aelab.paths import write_json
 from aelab.server import free_port, invoke, model_server
 from aelab.stages import CONF_DIR
-from aelab.tracking import installed_version, machine, project_tracking_uri
+from aelab.tracking import ALIAS, REGISTERED, installed_version, machine, project_tracking_uri
 
-DEFAULT_MODEL = "models:/aelab-denoiser@pipeline"
+DEFAULT_MODEL = f"models:/{REGISTERED['denoiser']}@{ALIAS}"
 CASES = {"single": 1, "batch_256": 256}  # name -> images per request
 
 
